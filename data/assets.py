@@ -25,9 +25,10 @@ MAX_FACES = 2_000_000  # a guard against files that would exhaust memory when ex
 class AssetError(Exception):
     """An input that cannot be used. ``reason`` is a short code, ``str(err)`` says why in words."""
 
-    def __init__(self, reason: str, message: str):
+    def __init__(self, reason: str, message: str, stage: str = "load"):
         super().__init__(message)
         self.reason = reason
+        self.stage = stage
 
 
 @dataclass
@@ -165,8 +166,8 @@ def asset_from_trimesh(meshes: list, uid: str, caption: str = "", source: str = 
     where = source or uid
     tri = [m for m in meshes if isinstance(m, trimesh.Trimesh) and len(m.faces) > 0]
     if not tri:
-        kinds = sorted({type(m).__name__ for m in meshes})
-        detail = f" (only {', '.join(kinds)})" if kinds else ""
+        kinds = sorted({"mesh without faces" if isinstance(m, trimesh.Trimesh) else type(m).__name__ for m in meshes})
+        detail = f" (only: {', '.join(kinds)})" if kinds else ""
         raise AssetError("no_triangles", f"{where}: contains no triangle faces{detail}")
     if sum(len(m.faces) for m in tri) > MAX_FACES:
         raise AssetError("too_large", f"{where}: more than {MAX_FACES} faces")

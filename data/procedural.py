@@ -294,6 +294,40 @@ def caption_holds(scene: Scene, caption: SceneCaption) -> bool:
     return False
 
 
+_ARTICLES = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
+_PLURAL_SHAPES = {plural: shape for shape, plural in SHAPES.items()}
+
+
+def parse_caption(text: str) -> SceneCaption | None:
+    """Inverse of ``SceneCaption.text`` for the procedural grammar; None for any other text.
+
+    ``parse_caption("two red cubes to the left of a blue sphere")`` gives the structured caption,
+    so that any caption of this grammar (a swapped one, a prompt given to the generator) can be
+    checked against a scene with :func:`caption_holds`.
+    """
+    words = text.strip().rstrip(".").lower().split()
+
+    def group(ws: list[str]) -> Group | None:
+        if len(ws) != 3 or ws[0] not in _ARTICLES or ws[1] not in PALETTE:
+            return None
+        count = _ARTICLES[ws[0]]
+        shape = ws[2] if count == 1 else _PLURAL_SHAPES.get(ws[2])
+        if shape not in SHAPES or (count == 1 and ws[2] not in SHAPES):
+            return None
+        return Group(shape, ws[1], count)
+
+    if len(words) == 3:
+        g = group(words)
+        return SceneCaption((g,)) if g else None
+    for key, phrase in RELATIONS.items():
+        p = phrase.split()
+        if len(words) == 6 + len(p) and words[3 : 3 + len(p)] == p:
+            a, b = group(words[:3]), group(words[3 + len(p) :])
+            if a and b:
+                return SceneCaption((a, b), key)
+    return None
+
+
 def _primitive_part(obj: PlacedObject) -> MeshPart:
     s = obj.size
     if obj.shape == "cube":

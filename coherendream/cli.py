@@ -1,0 +1,107 @@
+"""The ``coherendream`` command. Each subcommand is a thin wrapper over a Python function.
+
+Configs: ``--config file.yaml`` plus ``key.sub=value`` overrides as trailing arguments, e.g.
+``coherendream data build -c configs/data/procedural.yaml source.num_scenes=500 render.resolution=128``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from coherendream.config import ConfigError
+
+app = typer.Typer(help="CoherenDream: multimodal-LLM critics of text-to-3D alignment.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D assets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
+ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@data_app.command("build")
+def data_build(
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder")] = None,
+    procedural: Annotated[Optional[int], typer.Option(help="source: this many procedural scenes")] = None,
+    manifest: Annotated[Optional[Path], typer.Option(help="source: CSV/JSONL manifest (uid, path, caption)")] = None,
+    mesh_dir: Annotated[Optional[Path], typer.Option(help="source: folder of meshes with <name>.txt captions")] = None,
+    render_dir: Annotated[Optional[Path], typer.Option(help="source: folder of <uid>/ view folders with caption.txt")] = None,
+    path_pattern: Annotated[Optional[str], typer.Option(help="manifest without paths (Cap3D): e.g. '{uid}.glb'")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="root of manifest paths (default: the manifest's folder)")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="parallel worker processes")] = None,
+    num_shards: Annotated[Optional[int], typer.Option(help="split the chunks over this many jobs (default: WORLD_SIZE or the SLURM array size)")] = None,
+    shard_index: Annotated[Optional[int], typer.Option(help="this job's shard (default: RANK or the SLURM array index)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="discard an existing build in the output folder")] = False,
+) -> None:
+    """Render assets into V views and write yes/no prompt/completion rows as a Hugging Face dataset.
+
+    Re-running the same command resumes an interrupted build.
+    """
+    from coherendream.config import load_config
+    from coherendream.data.build import BuildConfig, build_dataset, shard_from_env
+
+    extra = list(overrides or [])
+    sources = [(k, v) for k, v in (("procedural", procedural), ("manifest", manifest), ("mesh_dir", mesh_dir), ("render_dir", render_dir)) if v is not None]
+    if len(sources) > 1:
+        _fail("give at most one of --procedural, --manifest, --mesh-dir, --render-dir")
+    for kind, value in sources:
+        extra.append(f"source.kind={kind}")
+        extra.append(f"source.num_scenes={value}" if kind == "procedural" else f"source.path={value}")
+    if path_pattern is not None:
+        extra.append(f"source.path_pattern={path_pattern}")
+    if root is not None:
+        extra.append(f"source.root={root}")
+    if output is not None:
+        extra.append(f"output_dir={output}")
+    env_shards = shard_from_env()
+    if num_shards is None and shard_index is None and env_shards is not None:
+        num_shards, shard_index = env_shards
+    for key, value in (("num_workers", num_workers), ("num_shards", num_shards), ("shard_index", shard_index)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    if overwrite:
+        extra.append("overwrite=true")
+    try:
+        cfg = load_config(BuildConfig, config, extra)
+        result = build_dataset(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    if not result.finalized:
+        typer.echo(f"shard {cfg.shard_index}/{cfg.num_shards} done: {result.chunks_done}/{result.chunks_total} chunks complete; the last shard to finish writes the dataset")
+        return
+    rows = ", ".join(f"{s}: {n}" for s, n in result.rows.items()) or "none"
+    typer.echo(f"dataset written to {result.output_dir.resolve()}")
+    typer.echo(f"rows: {rows}; rejected inputs: {result.rejected} (see rejected.jsonl); {result.seconds:.1f} s")
+
+
+@data_app.command("export-llava")
+def data_export_llava(
+    dataset_dir: Annotated[Path, typer.Argument(help="a folder written by `data build`")],
+    output: Annotated[Path, typer.Argument(help="folder for images/ and <split>.json")],
+    split: Annotated[str, typer.Option(help="split to export")] = "train",
+) -> None:
+    """Export a split as LLaVA conversation JSON with the view grids as image files."""
+    from coherendream.data.export import export_llava
+
+    try:
+        path = export_llava(dataset_dir, output, split)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
