@@ -43,7 +43,7 @@ from coherendream.config import dump_yaml, to_dict
 from coherendream.data.assets import AssetError, load_mesh
 from coherendream.data.manifest import AssetRef, Rejection, list_view_images, read_manifest, scan_mesh_dir, scan_render_dir
 from coherendream.data.negatives import NEGATIVE_TYPES, Negative, NegativeConfig, procedural_negative, text_negative
-from coherendream.data.procedural import ProceduralConfig, caption_holds, parse_caption, sample_scene
+from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds, parse_caption, sample_scene
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 from coherendream.prompts import ANSWER_NO, ANSWER_YES, QUESTION_TEMPLATE, completion_messages, format_question, prompt_messages
@@ -223,6 +223,7 @@ class _Views:
     depth_pngs: list[bytes] | None = None
     normal_pngs: list[bytes] | None = None
     layout: str = ""
+    scene: Scene | None = None  # procedural scenes: the ground truth that negatives are checked against
 
 
 class ChunkBuilder:
@@ -265,7 +266,7 @@ class ChunkBuilder:
 
     def _views(self, ref: AssetRef, split: str) -> _Views:
         cfg = self.config.render
-        layout = ""
+        layout, scene = "", None
         if ref.kind == "views":
             rgba, meta = self._read_views(ref)
             return _Views(ref, split, rgba, meta, [self._png(v) for v in rgba])
@@ -280,7 +281,7 @@ class ChunkBuilder:
         if not np.any(out.rgba[..., 3] > 0):
             raise AssetError("empty_render", f"{ref.path or ref.uid}: nothing visible in any view", stage="render")
         meta = [{"asset_id": ref.uid, **cam.to_meta()} for cam in cameras]
-        views = _Views(ref, split, out.rgba, meta, [self._png(v) for v in out.rgba], layout=layout)
+        views = _Views(ref, split, out.rgba, meta, [self._png(v) for v in out.rgba], layout=layout, scene=scene)
         if out.depth is not None:
             mm = np.where(np.isfinite(out.depth), np.clip(out.depth * 1000.0, 1, 65535), 0).astype(np.uint16)
             views.depth_pngs = [self._png(d) for d in mm]
@@ -365,8 +366,7 @@ class ChunkBuilder:
         return rows
 
     def _caption_negative(self, item: _Views, kind: str, rng: np.random.Generator) -> Negative | None:
-        ref = item.ref
-        scene = sample_scene(ref.seed, self.config.source.procedural) if ref.kind == "procedural" else None
+        ref, scene = item.ref, item.scene
         if kind == "caption_swap":
             pool = self.caption_pools.get(item.split, [])
             for i in rng.permutation(len(pool))[:64]:

@@ -248,3 +248,43 @@ def test_cli_reports_bad_overrides(tmp_path):
     res = CliRunner().invoke(app, ["data", "build", "--procedural", "4", "-o", str(tmp_path / "o"), "render.resolution=32", "progress=false"])
     assert res.exit_code == 0, res.output
     assert "dataset written to" in res.output
+
+
+def test_random_views_depth_normals_and_view_mode(tmp_path):
+    cfg = config(
+        tmp_path,
+        "opts",
+        source={"kind": "procedural", "num_scenes": 4},
+        render={"resolution": 32, "depth": True, "normals": True, "orbit": {"random_views": 3}},
+        image_mode="views",
+        grid_rows=1,
+        splits={"train": 1.0},
+    )
+    build_dataset(cfg)
+    ds = load_built_dataset(tmp_path / "opts")["train"]
+    row = ds[0]
+    assert len(row["images"]) == 3 and len(row["views"]) == 3
+    assert [p["type"] for p in row["prompt"][0]["content"]] == ["image", "image", "image", "text"]
+    assert "shown from 3 views" in row["prompt"][0]["content"][-1]["text"]
+    azimuths = {round(m["azimuth"], 3) for r in ds for m in r["views_meta"]}
+    assert len(azimuths) > 3  # random per asset, not the fixed orbit
+    depth = np.asarray(row["depth"][0])
+    alpha = np.asarray(row["views"][0])[..., 3]
+    assert depth.dtype.kind in "iu" and depth.max() > 1000  # millimetres: the object is ~2 units away
+    assert np.all(depth[alpha == 0] == 0) and np.all(depth[alpha == 255] > 0)
+    normals = np.asarray(row["normals"][0])
+    n = normals[alpha == 255][:, :3] / 127.5 - 1.0
+    assert np.allclose(np.linalg.norm(n, axis=1), 1.0, atol=0.05)
+
+
+def test_mesh_dir_source_with_sidecar_captions(tmp_path):
+    root = tmp_path / "assets"
+    write_meshes(root)
+    (root / "meshes" / "box.txt").write_text("a plain box\n")
+    (root / "meshes" / "ball.txt").write_text("a round ball")
+    (root / "meshes" / "cone.txt").write_text("a cone")
+    build_dataset(config(tmp_path, "md", source={"kind": "mesh_dir", "path": str(root / "meshes")}, splits={"train": 1.0}))
+    ds = load_built_dataset(tmp_path / "md")["train"]
+    assert set(ds["asset_id"]) == {"box", "ball", "cone"}
+    rejected = {r["uid"]: r["reason"] for r in map(json.loads, (tmp_path / "md" / "rejected.jsonl").read_text().splitlines())}
+    assert rejected["can"] == "missing_caption" and rejected["nan"] == "missing_caption"
