@@ -1,0 +1,166 @@
+"""The tiny offline LLaVA critic: a real checkpoint that Auto classes, chat templates and TRL accept."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from coherendream.critic.tiny import IMAGE_TOKEN, build_tiny_critic, build_tokenizer
+from coherendream.data.procedural import NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
+from coherendream.prompts import (
+    ANSWER_NO,
+    ANSWER_YES,
+    completion_messages,
+    format_question,
+    prompt_messages,
+)
+
+CAPTION = "two red cubes to the left of a blue sphere"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is fastest, and avoids thread thrashing on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny_critic(tmp_path_factory.mktemp("tiny") / "critic", seed=0)
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir, use_safetensors=True)
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    return model.eval(), processor
+
+
+def test_saves_safetensors_and_reloads_offline_with_auto_classes(tiny_dir, loaded):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: any hub access would fail
+    assert (tiny_dir / "model.safetensors").is_file()
+    assert not list(tiny_dir.glob("*.bin"))
+    model, processor = loaded
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert type(processor).__name__ == "LlavaProcessor"
+    assert processor.chat_template and processor.tokenizer.chat_template
+
+    # A forward pass on the processor's own output: 8x8 patches of 8 px -> 64 image tokens.
+    text = processor.apply_chat_template(prompt_messages(format_question(CAPTION, 4)), add_generation_prompt=True)
+    image = np.full((64, 64, 3), 128, dtype=np.uint8)
+    inputs = processor(text=[text], images=[[image]], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (1, inputs["input_ids"].shape[1], len(processor.tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tiny_dir, loaded, tmp_path):
+    from safetensors.torch import load_file
+
+    again = load_file(build_tiny_critic(tmp_path / "again", seed=0) / "model.safetensors")
+    other = load_file(build_tiny_critic(tmp_path / "other", seed=1) / "model.safetensors")
+    first = load_file(tiny_dir / "model.safetensors")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert any(not torch.equal(first[k], other[k]) for k in first)
+
+
+def test_tokenizer_splits_words_and_each_punctuation_mark(loaded):
+    tokenizer = loaded[1].tokenizer
+    assert tokenizer.tokenize('"a red cube"?') == ['"', "a", "red", "cube", '"', "?"]
+    ids = tokenizer('"a red cube"?').input_ids
+    assert ids[0] == tokenizer.bos_token_id and len(ids) == 7
+    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == loaded[0].config.image_token_id
+    assert tokenizer.tokenize("a dragon") == ["a", tokenizer.unk_token]
+    assert tokenizer.decode(tokenizer("a red cube, two cones?").input_ids, skip_special_tokens=True) == "a red cube, two cones?"
+
+
+def test_default_vocabulary_covers_question_and_procedural_captions(loaded):
+    tokenizer = loaded[1].tokenizer
+    words = [*PALETTE, *SHAPES, *SHAPES.values(), *NUMBER_WORDS.values(), "a", "an"]
+    words += [w for phrase in RELATIONS.values() for w in phrase.split()]
+    text = format_question(" ".join(words), 4) + " Yes No yes no"
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert len(ids) == len(tokenizer.tokenize(text))
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_extra_vocabulary_words():
+    tokenizer = build_tokenizer(["dragon", "castle"])
+    assert tokenizer.unk_token_id not in tokenizer("a dragon castle", add_special_tokens=False).input_ids
+    with pytest.raises(ValueError, match="whitespace"):
+        build_tokenizer(["two words"])
+
+
+@pytest.mark.parametrize("answer", [ANSWER_YES, ANSWER_NO])
+def test_chat_template_prompt_is_prefix_and_answer_is_one_token(loaded, answer):
+    processor = loaded[1]
+    tokenizer = processor.tokenizer
+    prompt = prompt_messages(format_question(CAPTION, 4), num_images=1)
+    completion = completion_messages(answer)
+    head = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(prompt + completion, tokenize=False)
+    assert head.startswith(tokenizer.bos_token + "USER: " + IMAGE_TOKEN)
+    assert head.endswith("ASSISTANT:")
+    assert full.startswith(head)
+    assert full[len(head):] == f" {answer}{tokenizer.eos_token}"
+
+    # The template writes BOS itself, so tokenizing without special tokens (as TRL does) gives one BOS.
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids
+    full_ids = tokenizer(full, add_special_tokens=False).input_ids
+    assert head_ids.count(tokenizer.bos_token_id) == 1
+    assert full_ids[: len(head_ids)] == head_ids
+    assert full_ids[len(head_ids):] == [tokenizer.convert_tokens_to_ids(answer), tokenizer.eos_token_id]
+    assert tokenizer.encode(answer, add_special_tokens=False) == [tokenizer.convert_tokens_to_ids(answer)]
+
+
+def test_chat_template_renders_several_images_and_assistant_mask(loaded):
+    processor = loaded[1]
+    prompt = prompt_messages(format_question(CAPTION, 4), num_images=4)
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    assert text.count(IMAGE_TOKEN) == 4
+    image = np.zeros((64, 64, 3), dtype=np.uint8)
+    inputs = processor(text=[text], images=[[image] * 4], return_tensors="pt", add_special_tokens=False)
+    assert int((inputs["input_ids"] == loaded[0].config.image_token_id).sum()) == 4 * 64
+    assert inputs["pixel_values"].shape == (4, 3, 64, 64)
+
+    # {% generation %} marks exactly the assistant answer and its EOS.
+    out = processor.tokenizer.apply_chat_template(
+        prompt + completion_messages(ANSWER_NO), tokenize=True, return_dict=True,
+        return_assistant_tokens_mask=True, add_special_tokens=False,
+    )
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    marked = [i for i, m in zip(ids, mask) if m]
+    assert processor.tokenizer.convert_ids_to_tokens(marked) == [ANSWER_NO, processor.tokenizer.eos_token]
+
+
+def test_trl_vlm_collator_trains_on_the_answer_only(loaded):
+    from PIL import Image
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    model, processor = loaded
+    tokenizer = processor.tokenizer
+    rows = [
+        {"images": [Image.new("RGB", (64, 64), c)],
+         "prompt": prompt_messages(format_question(text, 4)), "completion": completion_messages(answer)}
+        for c, text, answer in [("red", CAPTION, ANSWER_YES), ("blue", "one cone", ANSWER_NO)]
+    ]
+    batch = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)(rows)
+    for b, answer in enumerate([ANSWER_YES, ANSWER_NO]):
+        labels = batch["labels"][b]
+        kept = labels[labels != -100].tolist()
+        assert kept == [tokenizer.convert_tokens_to_ids(answer), tokenizer.eos_token_id]
+        assert int((batch["input_ids"][b] == tokenizer.bos_token_id).sum()) == 1
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert torch.isfinite(loss) and loss > 0
