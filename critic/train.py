@@ -1,0 +1,270 @@
+"""Fine-tuning a multiview critic: TRL's ``SFTTrainer`` (or ``DPOTrainer``) with PEFT LoRA.
+
+Read top to bottom: load the model and processor, wrap the language model's linear layers with
+LoRA (the vision tower stays frozen, the projector trains in full with its own learning rate),
+load the dataset written by ``coherendream data build``, train, save the adapter and processor.
+
+Arguments keep their upstream names: ``training`` is passed as it is to ``trl.SFTConfig`` /
+``trl.DPOConfig`` (so every ``TrainingArguments`` key works, and TRL validates them), ``lora`` to
+``peft.LoraConfig``. Defaults are LLaVA-1.5's LoRA recipe (scripts/v1_5/finetune_lora.sh).
+
+Launch on one GPU with ``coherendream critic train -c configs/critic/llava15_lora.yaml``, or on
+several with ``accelerate launch``/``torchrun``/``deepspeed`` in front of the same module:
+``torchrun --nproc_per_node 8 -m coherendream.cli critic train -c ... training.deepspeed=zero3``.
+
+Pairwise mode (``mode: dpo``): every (positive, negative) caption pair of an asset gives two
+preference examples over the answers -- the question about the true caption prefers "Yes" to
+"No", the question about the negative caption prefers "No" to "Yes". With DPO's sigmoid loss this
+is ``-log sigma(beta * (m - m_ref))`` on the critic's own yes/no log-probability margin ``m``, so
+the trained model is scored exactly as an SFT critic is (``Critic.score``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from coherendream.config import dump_yaml
+from coherendream.io import write_text
+from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages
+
+# LoRA on the language model only: this regex does not match the CLIP tower's q/k/v_proj.
+LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+PROJECTOR_NAME = "multi_modal_projector"
+
+LLAVA15_TRAINING = {
+    "learning_rate": 2e-4,
+    "num_train_epochs": 1,
+    "per_device_train_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "lr_scheduler_type": "cosine",
+    "warmup_steps": 0.03,  # a float below 1 is a ratio of the total steps (transformers 5)
+    "weight_decay": 0.0,
+    "gradient_checkpointing": True,
+    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "seed": 42,
+    "max_length": None,  # never truncate: image tokens must survive
+    "remove_unused_columns": False,  # the VLM collator needs the images column
+}
+
+
+@dataclass
+class LoraSettings:
+    """``peft.LoraConfig`` fields (names unchanged)."""
+
+    r: int = 128
+    lora_alpha: int = 256
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = LANGUAGE_MODEL_LINEAR
+    modules_to_save: list[str] = field(default_factory=lambda: [PROJECTOR_NAME])
+
+
+@dataclass
+class CriticTrainConfig:
+    model_name_or_path: str = "llava-hf/llava-1.5-7b-hf"
+    dataset: str = "outputs/procedural"  # a `data build` folder, or any dataset id/path with the same columns
+    train_split: str = "train"
+    eval_split: str | None = "validation"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 512
+    mode: Literal["sft", "dpo"] = "sft"
+    use_lora: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    projector_lr: float | None = 2e-5  # LLaVA's mm_projector_lr; None: the projector uses learning_rate
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    trust_remote_code: bool = False
+    resume_from_checkpoint: str | None = "auto"  # "auto": the last checkpoint in output_dir, if any
+    output_dir: str = "outputs/critic"
+    training: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig arguments
+
+
+def deepspeed_config_path(name: str) -> str:
+    """Path of a DeepSpeed JSON shipped with the package: ``zero2``, ``zero3`` or ``zero3_offload``."""
+    path = resources.files("coherendream.critic") / "deepspeed" / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"no shipped DeepSpeed config {name!r} (have zero2, zero3, zero3_offload)")
+    return str(path)
+
+
+def _dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    return getattr(torch, name)
+
+
+def training_arguments(config: CriticTrainConfig):
+    """The TRL config: LLaVA-1.5 defaults, then the user's ``training`` keys."""
+    import torch
+    from trl import DPOConfig, SFTConfig
+
+    args = {**LLAVA15_TRAINING, **config.training, "output_dir": config.output_dir}
+    ds = args.get("deepspeed")
+    if isinstance(ds, str) and not ds.endswith(".json"):
+        args["deepspeed"] = deepspeed_config_path(ds)
+    dtype = _dtype(config.dtype)
+    args.setdefault("bf16", dtype == torch.bfloat16)
+    args.setdefault("fp16", dtype == torch.float16)
+    if config.mode == "dpo":
+        args.pop("max_length", None)
+        return DPOConfig(**args)
+    return SFTConfig(**args)
+
+
+def load_model_and_processor(config: CriticTrainConfig):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        config.model_name_or_path, dtype=_dtype(config.dtype), use_safetensors=True, trust_remote_code=config.trust_remote_code
+    )
+    processor = AutoProcessor.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    if not config.use_lora:
+        # full fine-tuning still keeps the vision tower frozen, as in LLaVA's recipe
+        for name, p in model.named_parameters():
+            if "vision_tower" in name:
+                p.requires_grad_(False)
+    return model, processor
+
+
+def peft_config(config: CriticTrainConfig):
+    from peft import LoraConfig
+
+    if not config.use_lora:
+        return None
+    lora = config.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_rows(config: CriticTrainConfig):
+    """(train, eval) datasets with TRL's columns; a built folder is read from its Parquet files."""
+    from datasets import load_dataset
+
+    path = Path(config.dataset)
+    if (path / "data").is_dir():
+        from coherendream.data.build import load_built_dataset
+
+        dsd = load_built_dataset(path)
+    else:
+        dsd = load_dataset(config.dataset)
+    if config.train_split not in dsd:
+        raise ValueError(f"dataset {config.dataset}: no split {config.train_split!r} (have {sorted(dsd)})")
+    train = dsd[config.train_split]
+    evaluation = dsd[config.eval_split] if config.eval_split and config.eval_split in dsd else None
+    if config.max_train_samples is not None:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    if evaluation is not None and config.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
+    keep = ["images", "prompt", "completion"]
+    if config.mode == "dpo":
+        train, evaluation = to_preference_rows(train), (to_preference_rows(evaluation) if evaluation is not None else None)
+    else:
+        train = train.select_columns(keep)
+        evaluation = evaluation.select_columns(keep) if evaluation is not None else None
+    return train, evaluation
+
+
+def to_preference_rows(ds):
+    """Yes/no rows -> DPO rows: chosen = the right answer, rejected = the wrong one."""
+
+    def convert(row):
+        right, wrong = (ANSWER_YES, ANSWER_NO) if row["label"] == 1 else (ANSWER_NO, ANSWER_YES)
+        return {"chosen": completion_messages(right), "rejected": completion_messages(wrong)}
+
+    out = ds.map(convert, remove_columns=[c for c in ds.column_names if c not in ("images", "prompt")])
+    return out
+
+
+def make_trainer(config: CriticTrainConfig, model=None, processor=None):
+    """Build the TRL trainer (exposed for tests and custom loops)."""
+    if model is None or processor is None:
+        model, processor = load_model_and_processor(config)
+    args = training_arguments(config)
+    train, evaluation = load_rows(config)
+    if args.eval_strategy == "no" or str(args.eval_strategy).endswith("NO"):
+        evaluation = None
+    kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=processor, peft_config=peft_config(config))
+    if config.mode == "dpo":
+        from trl import DPOTrainer
+
+        trainer_cls = _with_projector_lr(DPOTrainer)
+    else:
+        from trl import SFTTrainer
+
+        trainer_cls = _with_projector_lr(SFTTrainer)
+    trainer = trainer_cls(**kwargs)
+    trainer.projector_lr = config.projector_lr
+    return trainer
+
+
+def _with_projector_lr(base):
+    class CriticTrainer(base):
+        """Gives the multimodal projector its own learning rate, as LLaVA's trainer does."""
+
+        projector_lr: float | None = None
+
+        def create_optimizer(self, model=None):
+            optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
+            if self.projector_lr is None:
+                return optimizer
+            opt_model = self.model if model is None else model
+            projector = {id(p) for n, p in opt_model.named_parameters() if PROJECTOR_NAME in n and p.requires_grad}
+            for group in list(optimizer.param_groups):
+                moved = [p for p in group["params"] if id(p) in projector]
+                if moved:
+                    group["params"] = [p for p in group["params"] if id(p) not in projector]
+                    optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": self.projector_lr})
+            return optimizer
+
+    CriticTrainer.__name__ = f"Critic{base.__name__}"
+    return CriticTrainer
+
+
+def train_critic(config: CriticTrainConfig) -> Path:
+    """Train, save the adapter (or full model) and processor in ``output_dir``; returns it."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "coherendream_train_config.yaml", dump_yaml(config))
+    trainer = make_trainer(config)
+    resume = config.resume_from_checkpoint
+    if resume == "auto":
+        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(out))
+    processor = trainer.processing_class
+    processor.save_pretrained(str(out))
+    write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+    return out
+
+
+def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model and save a plain safetensors checkpoint + processor."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(base, dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    out = Path(output_dir)
+    merged.save_pretrained(str(out), safe_serialization=True)
+    # the processor saved with the adapter (same tokenizer and chat template) wins over the base's
+    source = adapter if (Path(adapter) / "preprocessor_config.json").exists() or (Path(adapter) / "processor_config.json").exists() else base
+    AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(str(out))
+    return out
