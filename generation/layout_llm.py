@@ -1,0 +1,254 @@
+"""LLM layout planners: a local ``transformers`` chat model and an OpenAI-compatible endpoint.
+
+Both ask for the layout JSON of ``coherendream.generation.layout`` with the same system prompt (schema,
+frame, rules and a worked example), treat the answer as untrusted input (:func:`parse_layout_text`),
+retry with the validation error fed back up to ``max_attempts`` times, and then fall back to the
+rule-based planner, recording why in the :class:`LayoutResult`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from coherendream.generation.layout import (
+    DEFAULT_MAX_OVERLAP,
+    MAX_OBJECTS,
+    RELATION_KEYS,
+    LayoutError,
+    LayoutPlanner,
+    LayoutResult,
+    RuleBasedPlanner,
+    parse_layout_text,
+)
+
+_EXAMPLE_PROMPT = "a red cube to the left of a blue sphere on a wooden table"
+_EXAMPLE_LAYOUT = {
+    "objects": [
+        {"name": "table", "prompt": "a wooden table", "center": [0.0, -0.3, 0.0], "size": [0.9, 0.3, 0.6]},
+        {"name": "cube", "prompt": "a red cube", "center": [-0.2, -0.0, 0.0], "size": [0.3, 0.3, 0.3]},
+        {"name": "sphere", "prompt": "a blue sphere", "center": [0.2, -0.0, 0.0], "size": [0.3, 0.3, 0.3]},
+    ],
+    "relations": [
+        {"subject": 1, "relation": "left_of", "object": 2},
+        {"subject": 1, "relation": "on_top_of", "object": 0},
+        {"subject": 2, "relation": "on_top_of", "object": 0},
+    ],
+}
+
+SYSTEM_PROMPT = f"""You plan 3D scene layouts for a text-to-3D generator.
+Given a description, answer with ONE JSON object and nothing else:
+{{"objects": [{{"name": str, "prompt": str, "center": [x, y, z], "size": [w, h, d]}}],
+ "relations": [{{"subject": int, "relation": str, "object": int}}]}}
+
+Frame: +Y is up, +Z points towards the viewer in front, +X is to the viewer's right. The whole scene
+fits in the cube [-0.5, 0.5] on every axis: for every object, center - size/2 >= -0.5 and
+center + size/2 <= 0.5. Sizes are full extents and must be > 0.
+Rules:
+- One object per physical thing; several identical things ("two cups") are separate objects.
+- At most {MAX_OBJECTS} objects. "prompt" describes that object alone with its colour and material.
+- Boxes must not overlap, except an object inside another or attached to it; stacked objects touch:
+  "A on top of B" means A's bottom y equals B's top y.
+- "A to the left of B" means A's x < B's x; "A in front of B" means A's z > B's z.
+- Surfaces such as tables, floors and beaches are wide, flat boxes under the objects on them.
+- "subject" and "object" are 0-based indices into "objects".
+- relation is one of: {", ".join(RELATION_KEYS)}.
+
+Example. Description: {_EXAMPLE_PROMPT}
+Answer: {json.dumps(_EXAMPLE_LAYOUT)}"""
+
+
+def build_messages(prompt: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict[str, str]]:
+    """The chat for one description: system instructions, then the description as the user turn."""
+    prompt = " ".join(str(prompt).split())
+    if not prompt:
+        raise ValueError("empty prompt: the scene description must contain text")
+    return [
+        {"role": "system", "content": system_prompt},
+        {"role": "user", "content": f"Description: {prompt}\nAnswer with the JSON object only."},
+    ]
+
+
+def _feedback(answer: str, error: str) -> list[dict[str, str]]:
+    """Turns that show the model its invalid answer and why, so a greedy retry does not repeat it."""
+    return [
+        {"role": "assistant", "content": answer[:4000]},
+        {"role": "user", "content": f"That answer is invalid: {error[:1000]}\nAnswer again with a corrected JSON object only."},
+    ]
+
+
+class _RetryingPlanner:
+    """Shared retry/fallback loop; subclasses implement :meth:`_complete`."""
+
+    def __init__(
+        self,
+        *,
+        max_attempts: int = 3,
+        fallback: LayoutPlanner | None = None,
+        repair: bool = True,
+        max_overlap: float = DEFAULT_MAX_OVERLAP,
+        system_prompt: str = SYSTEM_PROMPT,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        self.max_attempts = max_attempts
+        self.fallback = fallback if fallback is not None else RuleBasedPlanner()
+        self.repair = repair
+        self.max_overlap = max_overlap
+        self.system_prompt = system_prompt
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        raise NotImplementedError
+
+    def plan(self, prompt: str) -> LayoutResult:
+        messages = build_messages(prompt, self.system_prompt)
+        errors: list[str] = []
+        answers: list[str] = []
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                answer = self._complete(messages)
+            except Exception as e:  # a failed request is one failed attempt, not a crash of the run
+                errors.append(f"attempt {attempt}: request failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            answers.append(answer)
+            try:
+                layout, repairs = parse_layout_text(answer, repair=self.repair, max_overlap=self.max_overlap)
+            except LayoutError as e:
+                errors.append(f"attempt {attempt}: {e}")
+                messages = messages + _feedback(answer, str(e))
+                continue
+            return LayoutResult(layout=layout, source="llm", attempts=attempt, errors=errors, repairs=repairs, raw_answers=answers)
+        result = self.fallback.plan(prompt)
+        return LayoutResult(
+            layout=result.layout, source="fallback", attempts=self.max_attempts, errors=errors,
+            repairs=result.repairs, raw_answers=answers,
+        )
+
+
+class OpenAIPlanner(_RetryingPlanner):
+    """Layouts from an OpenAI-compatible chat endpoint (OpenAI, or a local vLLM server via ``base_url``).
+
+    ``api_key`` defaults to the environment variable ``api_key_env``; a server on a custom
+    ``base_url`` that needs no key (vLLM without ``--api-key``) gets the placeholder ``"EMPTY"``.
+    ``timeout`` and ``max_retries`` are the HTTP client's (network errors, 429/5xx);
+    ``max_attempts`` counts answers that fail validation.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        json_mode: bool = False,
+        client: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not model:
+            raise ValueError("model must name the served model (e.g. the name vLLM was started with)")
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.json_mode = json_mode
+        if client is None:
+            from openai import OpenAI  # imported here so the rule-based path never needs it
+
+            key = api_key or os.environ.get(api_key_env)
+            if not key:
+                if base_url is None:
+                    raise ValueError(f"no API key: pass api_key or set ${api_key_env} (or point base_url at a local server)")
+                key = "EMPTY"
+            client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self.client = client
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
+        resp = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens, **extra
+        )
+        if not resp.choices:
+            raise LayoutError("the endpoint returned no choices")
+        content = resp.choices[0].message.content
+        if not isinstance(content, str):
+            raise LayoutError("the endpoint returned no text content")
+        return content
+
+
+class TransformersPlanner(_RetryingPlanner):
+    """Layouts from a local ``transformers`` chat model, decoded greedily.
+
+    Pass ``model_name_or_path`` (loaded lazily on first use with ``AutoModelForCausalLM`` /
+    ``AutoTokenizer``; ``trust_remote_code`` stays off unless asked for), or a ready ``model`` and
+    ``tokenizer``. The tokenizer must have a chat template; templates without a system role get the
+    system prompt folded into the user turn.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        device: str = "cpu",
+        torch_dtype: Any = "auto",
+        trust_remote_code: bool = False,
+        max_new_tokens: int = 768,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither (and a model_name_or_path)")
+        if model is None and not model_name_or_path:
+            raise ValueError("pass model_name_or_path or a model and tokenizer")
+        self.model_name_or_path = model_name_or_path
+        self.model, self.tokenizer = model, tokenizer
+        self.device = device
+        self.torch_dtype = torch_dtype
+        self.trust_remote_code = trust_remote_code
+        self.max_new_tokens = max_new_tokens
+
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_name_or_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+
+    def _encode(self, messages: list[dict[str, str]]) -> Any:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise LayoutError(
+                f"tokenizer of {self.model_name_or_path or type(self.model).__name__} has no chat template; "
+                "use an instruction-tuned model or set tokenizer.chat_template"
+            )
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception:
+            # Some templates (e.g. Gemma's) refuse a system turn: fold it into the first user turn.
+            system, rest = messages[0]["content"], messages[1:]
+            folded = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+            return tok.apply_chat_template(folded, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        import torch
+
+        self._load()
+        enc = self._encode(messages)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+        new_tokens = out[0, enc["input_ids"].shape[1]:]
+        return self.tokenizer.decode(new_tokens, skip_special_tokens=True)
