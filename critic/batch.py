@@ -1,0 +1,662 @@
+"""Batch scoring of many (views, prompt) items with a :class:`~coherendream.critic.Critic`.
+
+``coherendream critic score`` is built from three parts, each usable alone:
+
+1. **Readers** turn an input into a stream of *items*, plain dicts::
+
+       {"id": str, "views": <views>, "prompt": str, ...extra fields}
+
+   ``views`` is a list of V images (paths, PIL images, ``{"bytes", "path"}`` dicts as stored by
+   ``datasets``, or raw bytes) or a folder of view images (then V evenly spaced images are taken
+   in name order, V being the critic's ``num_views``). Extra fields (``label``,
+   ``negative_type``, ``path``, ...) are copied to the result untouched. A reader that already
+   knows an item is bad (a path leaving the manifest root, a row without a prompt) yields it with
+   ``"error"`` (and a short ``"reason"`` code) instead of failing the whole input:
+
+   * :func:`items_from_render_dir` -- ``<folder>/<uid>/`` sub-folders of renders, prompt from
+     ``<uid>/caption.txt`` or a prompts CSV/JSONL (``uid, prompt``);
+   * :func:`items_from_dataset` -- a split written by ``coherendream data build`` (its ``views``
+     and ``caption``; ``label``, ``negative_type``, ``pair_id``, ``asset_id`` are kept);
+   * :func:`items_from_manifest` -- a CSV/JSONL manifest ``id, path, prompt`` whose paths are
+     folders of views under the manifest's root.
+
+2. :func:`score_items` validates and loads each item **before** it joins a batch (so one corrupt
+   PNG or empty prompt never spoils the batch it would have been in), then scores each batch with
+   one forward pass of :meth:`Critic.score` under ``torch.no_grad()``. The result list is in input
+   order; a bad item becomes ``{"id", "reason", "error", ...extra}``, where ``error`` names the
+   file or field and says why.
+
+3. Writers: :func:`write_results` / :func:`score_to_files` write, atomically,
+
+   * ``scores.csv`` and ``scores.jsonl`` -- one row per *scored* item: ``id, prompt, prob_yes,
+     margin`` then the extra fields (in the CSV, list/dict values are JSON-encoded);
+   * ``errors.jsonl`` -- one object per item that could not be scored (``id, reason, error`` and
+     its extra fields); always written, empty when nothing failed, so "no errors" and "not run"
+     look different;
+   * ``summary.json`` -- counts, errors by reason, timing.
+
+   Errors go to their own file rather than an ``error`` column so the score files hold only
+   valid numbers and load straight into pandas / evaluation without filtering.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from coherendream.data.assets import AssetError
+from coherendream.data.manifest import MAX_CAPTION_CHARS, list_view_images, resolve_under_root
+from coherendream.io import atomic_open, write_json
+
+logger = logging.getLogger(__name__)
+
+SCORES_CSV = "scores.csv"
+SCORES_JSONL = "scores.jsonl"
+ERRORS_JSONL = "errors.jsonl"
+SUMMARY_JSON = "summary.json"
+
+# Keys with a fixed meaning in items and results; anything else in an item is an extra field.
+_ITEM_KEYS = ("id", "views", "prompt", "error", "reason")
+_RESULT_KEYS = ("id", "prompt", "prob_yes", "margin", "error", "reason")
+# Columns of a built dataset that results keep, so evaluation can group by them.
+DATASET_EXTRA_COLUMNS = ("label", "negative_type", "pair_id", "asset_id", "split")
+_ID_KEYS = ("id", "uid")
+_PROMPT_KEYS = ("prompt", "caption", "text")
+
+
+class ItemError(Exception):
+    """An item that cannot be scored. ``reason`` is a short code, ``str(err)`` says why in words."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# =========================================================================== readers
+
+
+def select_views(folder: str | Path, num_views: int) -> list[Path]:
+    """``num_views`` image files of a render folder, in name order.
+
+    When the folder holds more images, evenly spaced ones are taken (renders are usually stored
+    in orbit order, so this keeps the views spread around the object; the same rule as
+    ``data build``). Fewer images than ``num_views`` is an error.
+
+    Raises:
+        ItemError: ``missing_folder``, ``not_a_folder`` or ``too_few_views``.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ItemError("missing_folder", f"{folder}: folder of views not found")
+    if not folder.is_dir():
+        raise ItemError("not_a_folder", f"{folder}: not a folder of view images")
+    files = list_view_images(folder)
+    if len(files) < num_views:
+        raise ItemError(
+            "too_few_views", f"{folder}: {len(files)} image(s), {num_views} views needed (image files: .png/.jpg/.jpeg/.webp)"
+        )
+    return [files[int(i * len(files) / num_views)] for i in range(num_views)]
+
+
+def items_from_render_dir(
+    folder: str | Path, num_views: int | None = None, prompts_file: str | Path | None = None
+) -> Iterator[dict]:
+    """Items of a folder of renders: one per sub-folder ``<uid>/`` holding view images.
+
+    Args:
+        folder: the folder whose sub-folders are the assets (``id`` = sub-folder name).
+        num_views: views per item; ``None`` leaves the folder in ``views`` and lets
+            :func:`score_items` pick the critic's ``num_views`` (the usual choice).
+        prompts_file: CSV (header with ``uid``/``id`` and ``prompt``/``caption``) or JSONL of the
+            same keys. Its prompt wins over ``<uid>/caption.txt``; a uid listed there without a
+            sub-folder becomes a ``missing_folder`` error, and a uid with neither a prompt nor a
+            ``caption.txt`` a ``missing_prompt`` error.
+
+    Yields:
+        ``{"id", "views", "prompt", "path"}`` (``path``: the sub-folder), sub-folders in name
+        order, then prompts-file uids without a sub-folder.
+
+    Raises:
+        FileNotFoundError: ``folder`` or ``prompts_file`` does not exist (the input itself, not
+            one item, is wrong).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"render folder {folder}: not found or not a folder")
+    prompts: dict[str, str] = {}
+    if prompts_file is not None:
+        for line_no, row in _read_table(prompts_file):
+            where = f"{Path(prompts_file).name}:{line_no}"
+            if "_error" in row:
+                yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
+                continue
+            uid, prompt = _first(row, _ID_KEYS), _first(row, _PROMPT_KEYS)
+            if not uid:
+                yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: row has no uid/id"}
+            elif uid in prompts:
+                yield {"id": f"<{where}>", "reason": "duplicate_id", "error": f"{where}: uid {uid!r} appears earlier in {Path(prompts_file).name}; this row is ignored"}
+            else:
+                prompts[uid] = prompt
+
+    seen: set[str] = set()
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        uid = sub.name
+        seen.add(uid)
+        item: dict[str, Any] = {"id": uid, "path": str(sub)}
+        try:
+            # A symlinked sub-folder may point anywhere; only folders inside the input are read.
+            real = resolve_under_root(folder, uid)
+        except AssetError as err:
+            yield {**item, "reason": err.reason, "error": f"{sub}: {err}"}
+            continue
+        prompt = prompts.get(uid)
+        if prompt is None:
+            caption_file = real / "caption.txt"
+            if not caption_file.is_file():
+                where = f" or in {prompts_file}" if prompts_file is not None else ""
+                yield {**item, "reason": "missing_prompt", "error": f"{sub}: no prompt (no caption.txt{where})"}
+                continue
+            try:
+                prompt = caption_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                yield {**item, "reason": "unreadable_prompt", "error": f"{caption_file}: cannot be read as UTF-8 text ({err})"}
+                continue
+        item["prompt"] = _clean(prompt)
+        item["views"] = real
+        if num_views is not None:
+            try:
+                item["views"] = select_views(real, num_views)
+            except ItemError as err:
+                yield {**item, "reason": err.reason, "error": str(err)}
+                continue
+        yield item
+    for uid in prompts:
+        if uid in seen:
+            continue
+        item = {"id": uid, "prompt": _clean(prompts[uid]), "path": str(folder / uid)}
+        try:
+            resolve_under_root(folder, uid)  # a uid like "../x" names no sub-folder of this input
+        except AssetError as err:
+            yield {**item, "reason": err.reason, "error": f"{prompts_file}: uid {uid!r}: {err}"}
+            continue
+        yield {**item, "reason": "missing_folder", "error": f"{folder / uid}: listed in {prompts_file} but no such sub-folder"}
+
+
+def items_from_manifest(path: str | Path, root: str | Path | None = None, num_views: int | None = None) -> Iterator[dict]:
+    """Items of a CSV/JSONL manifest with ``id``, ``path`` and ``prompt`` per row.
+
+    ``uid`` and ``caption`` are accepted for ``id`` and ``prompt`` (the names of ``data build``
+    manifests). ``path`` is a folder of view images relative to ``root`` (default: the manifest's
+    folder) and must stay under it: ``../`` or a symlink leading out is reported as an
+    ``outside_root`` error, never read. Other columns are kept as extra fields.
+
+    Yields:
+        ``{"id", "views", "prompt", "path", ...other columns}`` in file order; rows that cannot
+        become items (no id, no path, duplicate id, bad JSON line) as error items.
+
+    Raises:
+        FileNotFoundError / ValueError: the manifest itself is missing, unreadable or has no
+            header naming an id column.
+    """
+    path = Path(path)
+    root_dir = Path(root) if root is not None else path.parent
+    if not root_dir.is_dir():
+        raise FileNotFoundError(f"manifest root {root_dir}: not found or not a folder")
+    seen: set[str] = set()
+    for line_no, row in _read_table(path):
+        where = f"{path.name}:{line_no}"
+        if "_error" in row:
+            yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
+            continue
+        uid, rel = _first(row, _ID_KEYS), _first(row, ("path",))
+        extra = {k: v for k, v in row.items() if k not in (*_ID_KEYS, *_PROMPT_KEYS, "path", *_RESULT_KEYS, "views")}
+        if not uid:
+            yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: row has no id"}
+            continue
+        if uid in seen:
+            yield {"id": f"<{where}>", "reason": "duplicate_id", "error": f"{where}: id {uid!r} appears earlier in the manifest; this row is ignored"}
+            continue
+        seen.add(uid)
+        item = {"id": uid, "prompt": _clean(_first(row, _PROMPT_KEYS)), "path": rel, **extra}
+        if not rel:
+            yield {**item, "reason": "missing_path", "error": f"{where}: no path (a folder of views)"}
+            continue
+        try:
+            full = resolve_under_root(root_dir, rel)
+        except AssetError as err:
+            yield {**item, "reason": err.reason, "error": f"{where}: {err}"}
+            continue
+        item["views"] = full
+        if num_views is not None:
+            try:
+                item["views"] = select_views(full, num_views)
+            except ItemError as err:
+                yield {**item, "reason": err.reason, "error": f"{where}: {err}"}
+                continue
+        yield item
+
+
+def items_from_dataset(dataset_dir: str | Path, split: str = "test") -> Iterator[dict]:
+    """Items of one split of a dataset written by ``coherendream data build``.
+
+    Uses each row's ``views`` (the V separate views, not the model-ready ``images``) and
+    ``caption``; ``id`` is the row id (``<pair_id>/pos`` or ``/neg``). ``label`` (1 = the caption
+    matches), ``negative_type``, ``pair_id``, ``asset_id`` and ``split`` are kept as extra fields so
+    that evaluation can compute accuracy per negative type from the results alone.
+
+    Images are not decoded here: ``views`` holds the stored PNG bytes, decoded per item by
+    :func:`score_items`, so a corrupt image is one item's error instead of an exception out of the
+    dataset iterator.
+
+    Raises:
+        FileNotFoundError: no built dataset in ``dataset_dir``.
+        ValueError: no such split, or the split lacks a ``views``/``caption`` column.
+    """
+    from datasets import Image as ImageFeature
+    from datasets import List as ListFeature
+
+    from coherendream.data.build import load_built_dataset
+
+    dataset_dir = Path(dataset_dir)
+    splits = load_built_dataset(dataset_dir)
+    if split not in splits:
+        raise ValueError(f"dataset {dataset_dir}: no split {split!r} (splits: {sorted(splits)})")
+    ds = splits[split]
+    missing = [c for c in ("id", "views", "caption") if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {dataset_dir} split {split!r}: missing column(s) {missing}; is it a `data build` output?")
+    keep = ["id", "views", "caption", *[c for c in DATASET_EXTRA_COLUMNS if c in ds.column_names]]
+    # Dropping the other image columns (the grid, depth, normals) avoids decoding them at all.
+    ds = ds.select_columns(keep).cast_column("views", ListFeature(ImageFeature(decode=False)))
+    for row in ds:
+        item = {"id": str(row["id"]), "views": row["views"], "prompt": row["caption"] or ""}
+        item.update({c: row[c] for c in DATASET_EXTRA_COLUMNS if c in row})
+        item.setdefault("split", split)
+        yield item
+
+
+def _read_table(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Rows of a CSV/TSV (with header) or JSONL file as ``(line number, dict)``.
+
+    A JSONL line that is not a JSON object yields ``{"_error": why}`` (one bad row is an item
+    error); a file that is missing, not UTF-8, of an unknown type or a CSV without a usable header
+    raises, since then no row can be trusted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: expected .csv, .tsv or .jsonl, got {suffix or 'no extension'}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot be read as UTF-8 text ({err})") from err
+    if suffix in (".jsonl", ".ndjson"):
+        for i, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield i, {"_error": f"not valid JSON ({err.msg})"}
+                continue
+            yield i, row if isinstance(row, dict) else {"_error": "line is not a JSON object"}
+        return
+    lines = list(csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
+    if not lines:
+        return
+    header = [h.strip().lower() for h in lines[0]]
+    if not any(k in header for k in _ID_KEYS):
+        raise ValueError(f"{path}: the header must name an id column ('id' or 'uid'), got {lines[0]}")
+    for i, values in enumerate(lines[1:], start=2):
+        if values:
+            yield i, dict(zip(header, values))
+
+
+def _first(row: Mapping, keys: Sequence[str]) -> str:
+    """The first non-empty value of ``keys`` in ``row``, as a stripped string ('' if none)."""
+    for key in keys:
+        value = row.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return ""
+
+
+def _clean(text: Any) -> str:
+    """Whitespace collapsed (captions files end with newlines; the question is one line)."""
+    return " ".join(str(text or "").split())
+
+
+# =========================================================================== loading
+
+
+def load_item(item: Mapping, num_views: int) -> tuple[str, list, str]:
+    """Validate one item and decode its views: ``(id, [V RGB PIL images], prompt)``.
+
+    Everything that could make :meth:`Critic.score` fail on this item is checked here, so that a
+    batch holds only items that score.
+
+    Raises:
+        ItemError: with a reason code and a message naming the file or field.
+    """
+    item_id = item.get("id")
+    if item_id is None or not str(item_id).strip():
+        raise ItemError("invalid_item", "item has no id")
+    item_id = str(item_id)
+    if item.get("error"):
+        raise ItemError(str(item.get("reason") or "invalid_item"), str(item["error"]))
+
+    prompt = item.get("prompt")
+    if not isinstance(prompt, str):
+        raise ItemError("missing_prompt" if prompt is None else "invalid_prompt",
+                        f"{item_id}: prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ItemError("empty_prompt", f"{item_id}: prompt is empty" + _where(item))
+    if len(prompt) > MAX_CAPTION_CHARS:
+        raise ItemError("prompt_too_long", f"{item_id}: prompt is {len(prompt)} characters, more than {MAX_CAPTION_CHARS}")
+
+    views = item.get("views")
+    if views is None:
+        raise ItemError("missing_views", f"{item_id}: no views" + _where(item))
+    if isinstance(views, (str, Path)):
+        views = select_views(views, num_views)
+    elif not isinstance(views, Sequence) or isinstance(views, (bytes, bytearray)):
+        raise ItemError("invalid_item", f"{item_id}: views must be a folder or a list of images, got {type(views).__name__}")
+    if len(views) != num_views:
+        raise ItemError("wrong_view_count", f"{item_id}: {len(views)} view(s), the critic takes {num_views}" + _where(item))
+
+    images = [_open_image(view, f"{item_id}: view {v}") for v, view in enumerate(views)]
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise ItemError("view_size_mismatch", f"{item_id}: the views differ in size {sorted(sizes)}; all V views of an item must match" + _where(item))
+    return item_id, images, prompt
+
+
+def _where(item: Mapping) -> str:
+    return f" ({item['path']})" if item.get("path") else ""
+
+
+def _open_image(view: Any, label: str):
+    """One view as a decoded RGB PIL image (alpha dropped, as :meth:`Critic.score` does with files)."""
+    from PIL import Image
+
+    if isinstance(view, Image.Image):
+        return view.convert("RGB")
+    if isinstance(view, Mapping):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
+        data, path = view.get("bytes"), view.get("path")
+        source, name = (io.BytesIO(data), "stored image bytes") if data else (path, str(path))
+    elif isinstance(view, (bytes, bytearray)):
+        source, name = io.BytesIO(view), "image bytes"
+    elif isinstance(view, (str, Path)):
+        source, name = view, str(view)
+    else:
+        raise ItemError("invalid_item", f"{label}: expected an image path, PIL image or bytes, got {type(view).__name__}")
+    if source is None:
+        raise ItemError("unreadable_image", f"{label}: neither bytes nor a path")
+    try:
+        with Image.open(source) as im:
+            im.load()  # decode now: a truncated file fails here, not in the middle of a batch
+            return im.convert("RGB")
+    except FileNotFoundError as err:
+        raise ItemError("missing_image", f"{label}: {name}: file not found") from err
+    except Exception as err:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
+        raise ItemError("unreadable_image", f"{label}: {name}: cannot be read as an image ({type(err).__name__}: {err})") from err
+
+
+# =========================================================================== scoring
+
+
+def score_items(
+    critic: Any,
+    items: Iterable[Mapping],
+    batch_size: int = 8,
+    progress: bool = True,
+    on_batch: Callable[[list[dict]], None] | None = None,
+) -> list[dict]:
+    """Score every item; bad items are reported, not raised.
+
+    Items are read lazily, validated and decoded one by one (:func:`load_item`); valid ones fill
+    batches of ``batch_size`` that are each scored by ONE ``critic.score`` call under
+    ``torch.no_grad()``. Should a batch still fail (an error no check foresaw, or running out of
+    memory), its items are retried one at a time so that only the culprit is reported.
+
+    Args:
+        critic: a :class:`~coherendream.critic.Critic` (anything with ``score(views, prompts)``
+            and ``config.num_views``).
+        items: dicts ``{"id", "views", "prompt", ...extra}`` (see the module docstring).
+        batch_size: items per forward pass.
+        progress: show a tqdm bar.
+        on_batch: called with the new results after each batch (e.g. to log), optional.
+
+    Returns:
+        One dict per item, in input order: ``{"id", "prompt", "prob_yes", "margin", ...extra}``
+        for a scored item, ``{"id", "prompt", "reason", "error", ...extra}`` for a bad one (a
+        second item with an id already seen is an error, ``duplicate_id``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    from tqdm.auto import tqdm
+
+    num_views = int(critic.config.num_views)
+    total = len(items) if isinstance(items, Sized) else None  # generators: a bar without a total
+    results: list[dict] = []
+    pending: list[tuple[int, list, str]] = []  # (result slot, images, prompt)
+    seen: set[str] = set()
+
+    def flush() -> None:
+        if not pending:
+            return
+        new = _score_batch(critic, pending, results)
+        pending.clear()
+        if on_batch is not None:
+            on_batch(new)
+
+    with tqdm(total=total, disable=not progress, unit="item", desc="critic score") as bar:
+        for item in items:
+            extra = {k: v for k, v in item.items() if k not in _ITEM_KEYS and k not in _RESULT_KEYS}
+            raw_id = item.get("id")
+            prompt = item.get("prompt") if isinstance(item.get("prompt"), str) else None
+            try:
+                item_id, images, prompt = load_item(item, num_views)
+                if item_id in seen:
+                    raise ItemError("duplicate_id", f"{item_id}: id appears earlier in the input; ids must be unique")
+                seen.add(item_id)
+            except ItemError as err:
+                results.append({"id": str(raw_id) if raw_id is not None else "", "prompt": prompt, "reason": err.reason, "error": str(err), **extra})
+            else:
+                results.append({"id": item_id, "prompt": prompt, **extra})  # filled in by _score_batch
+                pending.append((len(results) - 1, images, prompt))
+                if len(pending) >= batch_size:
+                    flush()
+            bar.update(1)
+        flush()
+    return results
+
+
+
+def _score_batch(critic: Any, pending: list[tuple[int, list, str]], results: list) -> list[dict]:
+    """Score ``pending`` in one forward pass, writing into ``results``; returns the updated dicts."""
+    views = [images for _, images, _ in pending]
+    prompts = [prompt for _, _, prompt in pending]
+    try:
+        with torch.no_grad():
+            out = critic.score(views, prompts)
+    except Exception as err:  # noqa: BLE001 -- recorded per item below, never lost
+        if len(pending) == 1:
+            slot = pending[0][0]
+            results[slot].update(reason="score_failed", error=f"{results[slot]['id']}: scoring failed ({type(err).__name__}: {err})")
+            return [results[slot]]
+        logger.warning("a batch of %d items failed (%s: %s); scoring them one at a time", len(pending), type(err).__name__, err)
+        new: list[dict] = []
+        for one in pending:
+            new += _score_batch(critic, [one], results)
+        return new
+    prob = out.prob_yes.detach().float().cpu().tolist()
+    margin = out.margin.detach().float().cpu().tolist()
+    new = []
+    for (slot, _, _), p, m in zip(pending, prob, margin):
+        row = results[slot]
+        if not (math.isfinite(p) and math.isfinite(m)):
+            row.update(reason="score_failed", error=f"{row['id']}: the critic returned a non-finite score (prob_yes={p}, margin={m})")
+        else:
+            # Rebuild so the score columns come right after id/prompt in the output files.
+            results[slot] = row = {"id": row["id"], "prompt": row["prompt"], "prob_yes": p, "margin": m,
+                                   **{k: v for k, v in row.items() if k not in ("id", "prompt")}}
+        new.append(row)
+    return new
+
+
+# =========================================================================== writing
+
+
+def split_results(results: Iterable[Mapping]) -> tuple[list[dict], list[dict]]:
+    """``(scored, errors)``: results with a score, and results with an ``error``."""
+    scored, errors = [], []
+    for r in results:
+        (errors if r.get("error") else scored).append(dict(r))
+    return scored, errors
+
+
+def write_results(results: Sequence[Mapping], output_dir: str | Path, formats: Sequence[str] = ("csv", "jsonl")) -> dict[str, str]:
+    """Write ``scores.csv`` / ``scores.jsonl`` (scored items) and ``errors.jsonl`` atomically.
+
+    Returns:
+        ``{"csv": path, "jsonl": path, "errors": path}`` (the formats written).
+    """
+    unknown = sorted(set(formats) - {"csv", "jsonl"})
+    if unknown:
+        raise ValueError(f"unknown output format(s) {unknown}; known: csv, jsonl")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scored, errors = split_results(results)
+    files: dict[str, str] = {}
+    if "csv" in formats:
+        files["csv"] = str(_write_csv(output_dir / SCORES_CSV, scored))
+    if "jsonl" in formats:
+        files["jsonl"] = str(_write_jsonl(output_dir / SCORES_JSONL, scored))
+    errors = [{"id": e["id"], "reason": e.get("reason"), "error": e["error"],
+               **{k: v for k, v in e.items() if k not in ("id", "reason", "error")}} for e in errors]
+    files["errors"] = str(_write_jsonl(output_dir / ERRORS_JSONL, errors))
+    return files
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping]) -> Path:
+    columns = ["id", "prompt", "prob_yes", "margin"]
+    for row in rows:  # extra fields in first-seen order, after the fixed ones
+        columns += [k for k in row if k not in columns and k not in ("error", "reason")]
+    with atomic_open(path) as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
+    return path
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)  # full precision, so the CSV and the JSONL agree exactly
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value)
+    return value
+
+
+def _write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
+    with atomic_open(path) as fh:
+        for row in rows:
+            fh.write(json.dumps(row, default=str) + "\n")
+    return path
+
+
+def read_scores_csv(path: str | Path) -> list[dict]:
+    """Read ``scores.csv`` back, with ``prob_yes``/``margin`` (and ``label``) as numbers."""
+    with open(path, encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for row in rows:
+        for key in ("prob_yes", "margin"):
+            row[key] = float(row[key])
+        if row.get("label", "") not in ("", None):
+            row["label"] = int(row["label"])
+    return rows
+
+
+def score_to_files(
+    critic: Any,
+    items: Iterable[Mapping],
+    output_dir: str | Path,
+    batch_size: int = 8,
+    progress: bool = True,
+    formats: Sequence[str] = ("csv", "jsonl"),
+    metadata: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Score ``items`` and write the result files; what ``coherendream critic score`` runs.
+
+    Args:
+        critic, items, batch_size, progress: as for :func:`score_items`.
+        output_dir: created if needed; gets ``scores.csv``, ``scores.jsonl``, ``errors.jsonl``,
+            ``summary.json``.
+        formats: score files to write (``"csv"``, ``"jsonl"``); ``errors.jsonl`` is always written.
+        metadata: copied into the summary (e.g. the model path, the adapter, the input).
+
+    Returns:
+        The summary, also written to ``summary.json``: ``items``, ``scored``, ``errors``,
+        ``errors_by_reason``, ``mean_prob_yes``, ``batch_size``, ``num_views``, ``seconds``,
+        ``items_per_second``, ``files`` and ``metadata``.
+    """
+    unknown = sorted(set(formats) - {"csv", "jsonl"})
+    if unknown:  # fail before hours of scoring, not after
+        raise ValueError(f"unknown output format(s) {unknown}; known: csv, jsonl")
+    start = time.perf_counter()
+    results = score_items(critic, items, batch_size=batch_size, progress=progress)
+    seconds = time.perf_counter() - start
+    files = write_results(results, output_dir, formats)
+    scored, errors = split_results(results)
+    summary = {
+        "items": len(results),
+        "scored": len(scored),
+        "errors": len(errors),
+        "errors_by_reason": dict(Counter(e.get("reason") or "error" for e in errors).most_common()),
+        "mean_prob_yes": (sum(r["prob_yes"] for r in scored) / len(scored)) if scored else None,
+        "batch_size": batch_size,
+        "num_views": int(critic.config.num_views),
+        "seconds": round(seconds, 3),
+        "items_per_second": round(len(results) / seconds, 3) if seconds > 0 else None,
+        "files": {**files, "summary": str(Path(output_dir) / SUMMARY_JSON)},
+        "metadata": dict(metadata or {}),
+    }
+    write_json(Path(output_dir) / SUMMARY_JSON, summary)
+    if errors:
+        logger.warning("%d of %d items could not be scored; see %s", len(errors), len(results), files["errors"])
+    return summary
+
+
+__all__ = [
+    "DATASET_EXTRA_COLUMNS",
+    "ERRORS_JSONL",
+    "SCORES_CSV",
+    "SCORES_JSONL",
+    "SUMMARY_JSON",
+    "ItemError",
+    "items_from_dataset",
+    "items_from_manifest",
+    "items_from_render_dir",
+    "load_item",
+    "read_scores_csv",
+    "score_items",
+    "score_to_files",
+    "select_views",
+    "split_results",
+    "write_results",
+]
