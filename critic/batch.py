@@ -18,7 +18,8 @@
    * :func:`items_from_dataset` -- a split written by ``coherendream data build`` (its ``views``
      and ``caption``; ``label``, ``negative_type``, ``pair_id``, ``asset_id`` are kept);
    * :func:`items_from_manifest` -- a CSV/JSONL manifest ``id, path, prompt`` whose paths are
-     folders of views under the manifest's root.
+     folders of views under the manifest's root;
+   * :func:`items_from_input` -- any of these, the kind detected from the path.
 
 2. :func:`score_items` validates and loads each item **before** it joins a batch (so one corrupt
    PNG or empty prompt never spoils the batch it would have been in), then scores each batch with
@@ -285,6 +286,53 @@ def items_from_dataset(dataset_dir: str | Path, split: str = "test") -> Iterator
         yield item
 
 
+def detect_input_kind(path: str | Path) -> str:
+    """``"dataset"``, ``"manifest"`` or ``"render_dir"`` for an input path (for ``--input``).
+
+    A folder holding ``data/*.parquet`` is a built dataset, another folder a render folder, a
+    ``.csv``/``.tsv``/``.jsonl`` file a manifest.
+
+    Raises:
+        FileNotFoundError / ValueError: the path does not exist or is none of these.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return "dataset" if any((path / "data").glob("*.parquet")) else "render_dir"
+    if path.is_file():
+        if path.suffix.lower() in (".csv", ".tsv", ".jsonl", ".ndjson"):
+            return "manifest"
+        raise ValueError(f"input {path}: expected a folder of renders, a built dataset folder or a .csv/.jsonl manifest")
+    raise FileNotFoundError(f"input {path}: not found")
+
+
+def items_from_input(
+    path: str | Path,
+    kind: str | None = None,
+    *,
+    split: str = "test",
+    prompts_file: str | Path | None = None,
+    root: str | Path | None = None,
+    num_views: int | None = None,
+) -> Iterator[dict]:
+    """Items of any supported input; ``kind`` (default: :func:`detect_input_kind`) picks the reader.
+
+    ``split`` applies to datasets, ``prompts_file`` to render folders, ``root`` to manifests;
+    an option given for another kind of input is an error rather than silently ignored.
+    """
+    kind = kind or detect_input_kind(path)
+    given = {"prompts_file": prompts_file is not None and kind != "render_dir", "root": root is not None and kind != "manifest"}
+    wrong = [name for name, bad in given.items() if bad]
+    if wrong:
+        raise ValueError(f"input {path} ({kind}): option(s) {wrong} do not apply to this kind of input")
+    if kind == "dataset":
+        return items_from_dataset(path, split)
+    if kind == "manifest":
+        return items_from_manifest(path, root=root, num_views=num_views)
+    if kind == "render_dir":
+        return items_from_render_dir(path, num_views=num_views, prompts_file=prompts_file)
+    raise ValueError(f"unknown input kind {kind!r}; known: dataset, manifest, render_dir")
+
+
 def _read_table(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Rows of a CSV/TSV (with header) or JSONL file as ``(line number, dict)``.
 
@@ -392,7 +440,10 @@ def _open_image(view: Any, label: str):
     from PIL import Image
 
     if isinstance(view, Image.Image):
-        return view.convert("RGB")
+        try:  # a lazily opened image decodes here; a truncated one fails here
+            return view.convert("RGB")
+        except Exception as err:
+            raise ItemError("unreadable_image", f"{label}: PIL image cannot be decoded ({type(err).__name__}: {err})") from err
     if isinstance(view, Mapping):  # datasets' undecoded Image: {"bytes": ..., "path": ...}
         data, path = view.get("bytes"), view.get("path")
         source, name = (io.BytesIO(data), "stored image bytes") if data else (path, str(path))
@@ -649,7 +700,9 @@ __all__ = [
     "SCORES_JSONL",
     "SUMMARY_JSON",
     "ItemError",
+    "detect_input_kind",
     "items_from_dataset",
+    "items_from_input",
     "items_from_manifest",
     "items_from_render_dir",
     "load_item",

@@ -15,7 +15,9 @@ from coherendream.config import from_dict
 from coherendream.critic import Critic, build_tiny_critic
 from coherendream.critic.batch import (
     ItemError,
+    detect_input_kind,
     items_from_dataset,
+    items_from_input,
     items_from_manifest,
     items_from_render_dir,
     read_scores_csv,
@@ -310,3 +312,18 @@ def test_score_to_files_writes_csv_jsonl_errors_and_summary(critic, render_dir, 
     assert [r["negative_type"] for r in table2] == [r["negative_type"] for r in read_jsonl(out2 / "scores.jsonl")]
     with pytest.raises(ValueError, match="unknown output format"):
         score_to_files(critic, [], tmp_path / "out3", formats=("parquet",))
+
+
+def test_input_kind_is_detected_from_the_path(render_dir, dataset_dir, tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,path,prompt\n")
+    assert detect_input_kind(render_dir) == "render_dir"
+    assert detect_input_kind(dataset_dir) == "dataset"
+    assert detect_input_kind(manifest) == "manifest"
+    assert [i["id"] for i in items_from_input(dataset_dir, split="train")] == [
+        i["id"] for i in items_from_dataset(dataset_dir, "train")]
+    assert list(items_from_input(manifest)) == []
+    with pytest.raises(ValueError, match="do not apply"):
+        items_from_input(dataset_dir, prompts_file=manifest)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        detect_input_kind(tmp_path / "nothing")
