@@ -16,6 +16,8 @@ from coherendream.config import ConfigError
 app = typer.Typer(help="CoherenDream: multimodal-LLM critics of text-to-3D alignment.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D assets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+critic_app = typer.Typer(help="Train, merge and apply multiview critics.", no_args_is_help=True)
+app.add_typer(critic_app, name="critic")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
@@ -97,6 +99,65 @@ def data_export_llava(
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"wrote {path}")
+
+
+@critic_app.command("train")
+def critic_train(
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    model: Annotated[Optional[str], typer.Option(help="base model: hub id or local path")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="a `data build` folder or a dataset id")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (adapter, checkpoints)")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="sft (yes/no answers) or dpo (pairwise preference)")] = None,
+) -> None:
+    """Fine-tune a critic with TRL + LoRA. `training.*` keys go to TRL's SFTConfig/DPOConfig unchanged,
+    e.g. `training.per_device_train_batch_size=4 training.deepspeed=zero3 training.report_to=wandb`."""
+    from coherendream.config import load_config
+    from coherendream.critic.train import CriticTrainConfig, train_critic
+
+    extra = list(overrides or [])
+    for key, value in (("model_name_or_path", model), ("dataset", dataset), ("output_dir", output), ("mode", mode)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    try:
+        cfg = load_config(CriticTrainConfig, config, extra)
+    except (ConfigError, ValueError) as err:
+        _fail(str(err))
+    out = train_critic(cfg)
+    typer.echo(f"critic written to {Path(out).resolve()}")
+
+
+@critic_app.command("merge")
+def critic_merge(
+    adapter: Annotated[Path, typer.Option(help="adapter folder written by `critic train`")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for the merged model")],
+    base: Annotated[Optional[str], typer.Option(help="base model (default: the one named in the adapter)")] = None,
+) -> None:
+    """Merge a LoRA adapter into its base and save a plain safetensors checkpoint that loads without PEFT."""
+    import json as _json
+
+    from coherendream.critic.train import merge_adapter
+
+    cfg_file = adapter / "adapter_config.json"
+    if not cfg_file.is_file():
+        _fail(f"{adapter}: no adapter_config.json (not a PEFT adapter folder)")
+    base = base or _json.loads(cfg_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        _fail(f"{cfg_file}: names no base model; pass --base")
+    out = merge_adapter(base, str(adapter), str(output))
+    typer.echo(f"merged model written to {Path(out).resolve()}")
+
+
+@critic_app.command("build-tiny")
+def critic_build_tiny(
+    output: Annotated[Path, typer.Argument(help="folder for the random tiny critic")],
+    image_size: Annotated[int, typer.Option(help="processor crop size in pixels")] = 64,
+    seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
+) -> None:
+    """Build a tiny random LLaVA critic offline (word-level tokenizer, CLIP processor), for tests and experiments."""
+    from coherendream.critic.tiny import build_tiny_critic
+
+    typer.echo(f"tiny critic written to {build_tiny_critic(output, image_size=image_size, seed=seed)}")
 
 
 def main() -> None:

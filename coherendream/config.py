@@ -9,6 +9,7 @@ fails at start-up with the key's full dotted name instead of deep inside a run.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -17,6 +18,34 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` with YAML 1.2 booleans and floats.
+
+    PyYAML follows YAML 1.1: ``eval_strategy: no`` becomes ``False`` (transformers' and TRL's
+    string options such as ``"no"`` must survive as strings) and ``learning_rate: 1e-3`` becomes a
+    string (1.1 floats need a dot). Here only true/false are booleans and ``1e-3`` is a float.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader subclass
 
 
 class ConfigError(ValueError):
@@ -34,7 +63,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err})") from err
         node = nested
@@ -65,7 +94,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except OSError as err:
         raise ConfigError(f"config file {path}: cannot be read ({err.strerror or err})") from err
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path}: not valid YAML ({err})") from err
     if data is None:

@@ -236,6 +236,32 @@ def _with_projector_lr(base):
     return CriticTrainer
 
 
+def critic_config_for(config: CriticTrainConfig):
+    """The scoring settings that match training: the dataset's views, grid and question, and no
+    BOS added at scoring time -- TRL's collators tokenize the rendered chat with
+    ``add_special_tokens=False``, so the critic must score exactly those token sequences."""
+    from coherendream.critic.model import CriticConfig
+
+    info_path = Path(config.dataset) / "build_info.json"
+    if info_path.is_file():
+        built = json.loads(info_path.read_text())["config"]
+        orbit = built["render"]["orbit"]
+        return CriticConfig(
+            question_template=built["question_template"],
+            num_views=orbit["random_views"] or len(orbit["azimuths"]),
+            image_mode=built["image_mode"],
+            grid_rows=built["grid_rows"],
+            grid_cols=built["grid_cols"],
+            add_special_tokens=False,
+        )
+    from datasets import load_dataset
+
+    row = load_dataset(config.dataset, split=config.train_split)[0]
+    images = len(row["images"])
+    views = len(row["views"]) if "views" in row else images
+    return CriticConfig(num_views=views, image_mode="grid" if images == 1 else "views", add_special_tokens=False)
+
+
 def train_critic(config: CriticTrainConfig) -> Path:
     """Train, save the adapter (or full model) and processor in ``output_dir``; returns it."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -251,6 +277,7 @@ def train_critic(config: CriticTrainConfig) -> Path:
     trainer.save_model(str(out))
     processor = trainer.processing_class
     processor.save_pretrained(str(out))
+    critic_config_for(config).save(out)
     write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
     return out
 
@@ -267,4 +294,9 @@ def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto",
     # the processor saved with the adapter (same tokenizer and chat template) wins over the base's
     source = adapter if (Path(adapter) / "preprocessor_config.json").exists() or (Path(adapter) / "processor_config.json").exists() else base
     AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(str(out))
+    from coherendream.critic.model import CriticConfig
+
+    critic_config = CriticConfig.load(adapter)
+    if critic_config is not None:
+        critic_config.save(out)
     return out

@@ -109,3 +109,13 @@ def test_grid_layout_choice():
     assert GridLayout.for_views(4, rows=1) == GridLayout(1, 4)
     with pytest.raises(ValueError):
         GridLayout.for_views(5, rows=2, cols=2)
+
+
+def test_yaml_booleans_are_only_true_and_false(tmp_path):
+    # transformers' eval_strategy "no" and similar strings must not turn into False (YAML 1.1)
+    assert parse_overrides(["training.eval_strategy=no", "a=off", "b=true", "c=False"]) == {"training": {"eval_strategy": "no"}, "a": "off", "b": True, "c": False}
+    # and 1e-3 is a number (YAML 1.1 needs "1.0e-3"); integers stay integers
+    assert parse_overrides(["lr=1e-3", "n=12", "x=.5", "v=1.0.0"]) == {"lr": 1e-3, "n": 12, "x": 0.5, "v": "1.0.0"}
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("weights: {yes: 1.0}\nmode: y\n")
+    assert load_config(Outer, cfg_file).weights == {"yes": 1.0}

@@ -1,0 +1,177 @@
+"""Critic fine-tuning end to end on CPU: LoRA SFT, merge, DPO, resume after a kill, logging."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from coherendream.config import from_dict
+from coherendream.critic.model import Critic
+from coherendream.critic.tiny import build_tiny_critic
+from coherendream.critic.train import CriticTrainConfig, merge_adapter, train_critic
+from coherendream.data.build import BuildConfig, build_dataset, load_built_dataset
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # the 2-core CI machine runs one test at a time; more threads only add overhead at this size
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "procedural"
+    build_dataset(from_dict(BuildConfig, {
+        "output_dir": str(out),
+        "source": {"kind": "procedural", "num_scenes": 40},
+        "render": {"resolution": 32},
+        "splits": {"train": 0.8, "validation": 0.2},
+        "progress": False,
+    }))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_critic(tmp_path_factory.mktemp("tiny") / "critic", image_size=64, patch_size=8)
+
+
+def train_config(tiny, dataset, out, **training) -> CriticTrainConfig:
+    base = {
+        "per_device_train_batch_size": 8,
+        "max_steps": 24,
+        "logging_steps": 1,
+        "learning_rate": 3e-3,
+        "warmup_steps": 0,
+        "gradient_checkpointing": False,
+        "save_steps": 12,
+        "use_cpu": True,
+        "eval_strategy": "no",
+    }
+    return from_dict(CriticTrainConfig, {
+        "model_name_or_path": str(tiny),
+        "dataset": str(dataset),
+        "output_dir": str(out),
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "training": {**base, **training},
+    })
+
+
+def losses(out: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+
+
+def sample_inputs(dataset, n=6):
+    rows = load_built_dataset(dataset)["validation"].select(range(n))
+    return [list(r["views"]) for r in rows], list(rows["caption"])
+
+
+def test_lora_sft_trains_merges_and_scores_the_same(tmp_path, tiny, dataset):
+    out = train_critic(train_config(tiny, dataset, tmp_path / "lora"))
+    history = losses(out)
+    assert len(history) == 24
+    assert sum(history[-6:]) / 6 < sum(history[:6]) / 6 - 0.3  # the loss falls
+
+    # LoRA sits on the language model only; the projector is trained in full (modules_to_save)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    lora_keys = [k for k in keys if "lora_" in k]
+    assert lora_keys and all("language_model" in k for k in lora_keys)
+    assert not any("vision_tower" in k for k in keys)
+    assert any("multi_modal_projector" in k for k in keys)
+
+    critic_cfg = json.loads((out / "critic_config.json").read_text())
+    assert critic_cfg["num_views"] == 4 and critic_cfg["image_mode"] == "grid" and critic_cfg["add_special_tokens"] is False
+
+    merged_dir = merge_adapter(str(tiny), str(out), str(tmp_path / "merged"))
+    assert not (merged_dir / "adapter_config.json").exists() and (merged_dir / "model.safetensors").exists()
+    views, captions = sample_inputs(dataset)
+    with torch.no_grad():
+        adapter_scores = Critic.from_pretrained(out).score(views, captions)
+        merged_scores = Critic.from_pretrained(merged_dir).score(views, captions)
+        base_scores = Critic.from_pretrained(tiny, config=Critic.from_pretrained(out).config).score(views, captions)
+    torch.testing.assert_close(merged_scores.margin, adapter_scores.margin, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(base_scores.margin, adapter_scores.margin, atol=1e-3)  # training changed the critic
+
+
+def test_projector_gets_its_own_learning_rate(tmp_path, tiny, dataset):
+    from coherendream.critic.train import make_trainer
+
+    cfg = train_config(tiny, dataset, tmp_path / "opt")
+    trainer = make_trainer(cfg)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    lrs = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lrs[names[id(p)]] = group["lr"]
+    projector = [lr for n, lr in lrs.items() if "multi_modal_projector" in n]
+    others = [lr for n, lr in lrs.items() if "multi_modal_projector" not in n]
+    assert projector and set(projector) == {2e-5}
+    assert others and set(others) == {3e-3}
+    assert not any("vision_tower" in n for n in lrs)  # frozen: not in the optimizer at all
+
+
+def test_dpo_mode_fits_answer_preferences(tmp_path, tiny, dataset):
+    # Half the preferences favour "Yes", half "No": unlike SFT there is no answer prior to pick up,
+    # so a falling loss means the (image, caption) -> answer preferences are being learnt. A random
+    # tiny model cannot generalise that in a few steps; it can fit 8 of them.
+    cfg = train_config(tiny, dataset, tmp_path / "dpo", max_steps=40, learning_rate=1e-2, beta=1.0, logging_steps=4)
+    cfg.mode = "dpo"
+    cfg.max_train_samples = 8
+    out = train_critic(cfg)
+    history = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
+    assert history[0]["loss"] > 0.6  # near -log sigmoid(0): policy == reference at the start
+    assert history[-1]["loss"] < 0.3
+    assert history[-1]["rewards/accuracies"] == 1.0
+
+
+def test_resume_after_kill_continues_step_and_optimizer(tmp_path, tiny, dataset):
+    out = tmp_path / "resume"
+    args = [
+        sys.executable, "-m", "coherendream.cli", "critic", "train",
+        "--model", str(tiny), "--dataset", str(dataset), "-o", str(out),
+        "lora.r=8", "lora.lora_alpha=16", "training.per_device_train_batch_size=4", "training.max_steps=400",
+        "training.save_steps=10", "training.save_total_limit=null", "training.logging_steps=10", "training.use_cpu=true",
+        "training.gradient_checkpointing=false", "training.eval_strategy=no", "training.learning_rate=1e-3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "first_run.log", "w")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (out / "checkpoint-20" / "trainer_state.json").exists():
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    log.close()
+    assert checkpoints and checkpoints[-1] < 400, "training must have been killed midway:\n" + (tmp_path / "first_run.log").read_text()[-3000:]
+    resumed_from = checkpoints[-1]
+
+    args[args.index("training.max_steps=400")] = f"training.max_steps={resumed_from + 20}"
+    second = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    final = out / f"checkpoint-{resumed_from + 20}"
+    state = json.loads((final / "trainer_state.json").read_text())
+    assert state["global_step"] == resumed_from + 20
+    # AdamW's per-parameter step count includes the steps before the kill: the optimizer state was restored
+    opt = torch.load(final / "optimizer.pt", map_location="cpu", weights_only=True)
+    steps = {float(s["step"]) for s in opt["state"].values()}
+    assert steps == {float(resumed_from + 20)}
+
+
+def test_tensorboard_logging(tmp_path, tiny, dataset):
+    out = train_critic(train_config(tiny, dataset, tmp_path / "tb", max_steps=4, report_to="tensorboard", logging_dir=str(tmp_path / "tb" / "runs")))
+    events = list((out / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
