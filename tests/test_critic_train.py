@@ -172,6 +172,6 @@ def test_resume_after_kill_continues_step_and_optimizer(tmp_path, tiny, dataset)
 
 
 def test_tensorboard_logging(tmp_path, tiny, dataset):
-    out = train_critic(train_config(tiny, dataset, tmp_path / "tb", max_steps=4, report_to="tensorboard", logging_dir=str(tmp_path / "tb" / "runs")))
+    out = train_critic(train_config(tiny, dataset, tmp_path / "tb", max_steps=4, report_to="tensorboard"))
     events = list((out / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0

@@ -27,13 +27,14 @@ from coherendream.generation.layout import (
 )
 from coherendream.generation.layout_llm import _EXAMPLE_LAYOUT, OpenAIPlanner, TransformersPlanner, build_messages
 
-BENCH = Path("/work/shared/bench/t3bench")
+# The benchmark prompt sets live in ../shared/bench beside the repository (never copied into it).
+BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "t3bench"
 
 
 def _prompts(name: str) -> list[str]:
     path = BENCH / f"prompt_{name}.txt"
     if not path.exists():
-        pytest.skip(f"T3Bench prompts not found at {path}")
+        raise FileNotFoundError(f"T3Bench prompts not found at {path}: the tests read ../shared/bench beside the repository")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 

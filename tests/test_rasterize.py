@@ -180,7 +180,10 @@ def test_gradients_match_finite_differences():
 
 
 def _gsplat_impl():
-    return pytest.importorskip("gsplat.cuda._torch_impl", reason="gsplat not installed")
+    # gsplat is in the dev extra: its pure-PyTorch reference functions run on CPU
+    import gsplat.cuda._torch_impl as ref
+
+    return ref
 
 
 def test_projection_matches_gsplat_reference():
@@ -206,18 +209,6 @@ def test_spherical_harmonics_match_gsplat_reference(degree):
     dirs = torch.randn(50, 3, generator=g, dtype=torch.float64)
     coeffs = torch.randn(50, 16, 3, generator=g, dtype=torch.float64)
     torch.testing.assert_close(spherical_harmonics(degree, dirs, coeffs), ref._spherical_harmonics(degree, dirs, coeffs))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_torch_backend_matches_gsplat_on_cuda():
-    pytest.importorskip("gsplat")
-    cams = [Camera.orbit(a, 15.0, 2.5, 40.0, 64) for a in (0, 90, 180, 270)]
-    vm, ks = _cams(cams, torch.float32)
-    scene = [t.float().cuda() for t in _scene(2000, seed=2)]
-    ref = rasterize_gaussians(*scene, vm.cuda(), ks.cuda(), 64, 64, backend="gsplat")
-    ours = rasterize_gaussians(*scene, vm.cuda(), ks.cuda(), 64, 64, backend="torch")
-    torch.testing.assert_close(ours.rgb, ref.rgb, atol=2e-3, rtol=0)
-    torch.testing.assert_close(ours.alpha, ref.alpha, atol=2e-3, rtol=0)
 
 
 # ------------------------------------------------------------------------------ camera sampler
