@@ -148,6 +148,37 @@ def critic_merge(
     typer.echo(f"merged model written to {Path(out).resolve()}")
 
 
+@critic_app.command("score")
+def critic_score(
+    input: Annotated[Path, typer.Option("--input", "-i", help="render folder (<uid>/*.png), `data build` folder, or CSV/JSONL manifest (id, path, prompt)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for scores.csv/jsonl, errors.jsonl, summary.json")],
+    model: Annotated[str, typer.Option(help="critic: hub id or local path (a merged model or an adapter folder)")],
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="dataset, manifest or render_dir (default: detected)")] = None,
+    split: Annotated[str, typer.Option(help="dataset split to score")] = "test",
+    prompts_file: Annotated[Optional[Path], typer.Option(help="render folders: CSV/JSONL of uid, prompt (instead of caption.txt)")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="manifest: root of its paths (default: its folder)")] = None,
+    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available)")] = None,
+) -> None:
+    """Score 3D assets' views against prompts: P("Yes") and the yes/no logit margin per item.
+
+    Items that cannot be scored (unreadable image, wrong number of views, empty prompt, a path
+    outside the manifest's root) are listed with their reason in errors.jsonl; the rest are scored.
+    """
+    from coherendream.critic.batch import items_from_input, score_to_files
+    from coherendream.critic.model import Critic
+
+    try:
+        items = items_from_input(input, kind, split=split, prompts_file=prompts_file, root=root)
+        critic = Critic.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
+        summary = score_to_files(critic, items, output, batch_size=batch_size, metadata={"model": model, "adapter": str(adapter) if adapter else None, "input": str(input)})
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"scored {summary['scored']} of {summary['items']} items ({summary['errors']} errors, see errors.jsonl) -> {Path(output).resolve()}")
+
+
 @critic_app.command("build-tiny")
 def critic_build_tiny(
     output: Annotated[Path, typer.Argument(help="folder for the random tiny critic")],

@@ -175,3 +175,21 @@ def test_tensorboard_logging(tmp_path, tiny, dataset):
     out = train_critic(train_config(tiny, dataset, tmp_path / "tb", max_steps=4, report_to="tensorboard"))
     events = list((out / "runs").rglob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_cli_scores_a_split_with_a_trained_adapter(tmp_path, tiny, dataset):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    out = train_critic(train_config(tiny, dataset, tmp_path / "adapter", max_steps=2))
+    res = CliRunner().invoke(app, ["critic", "score", "-i", str(dataset), "--split", "validation", "-o", str(tmp_path / "scores"), "--model", str(out)])
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(line) for line in (tmp_path / "scores" / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == len(load_built_dataset(dataset)["validation"])
+    views, captions = sample_inputs(dataset, n=2)
+    with torch.no_grad():
+        direct = Critic.from_pretrained(out).score(views, captions).prob_yes
+    assert rows[0]["prob_yes"] == pytest.approx(float(direct[0]), abs=1e-5)
+    res = CliRunner().invoke(app, ["critic", "score", "-i", str(tmp_path / "missing"), "-o", str(tmp_path / "s2"), "--model", str(out)])
+    assert res.exit_code == 2 and "missing" in res.output
