@@ -193,3 +193,40 @@ def test_cli_scores_a_split_with_a_trained_adapter(tmp_path, tiny, dataset):
     assert rows[0]["prob_yes"] == pytest.approx(float(direct[0]), abs=1e-5)
     res = CliRunner().invoke(app, ["critic", "score", "-i", str(tmp_path / "missing"), "-o", str(tmp_path / "s2"), "--model", str(out)])
     assert res.exit_code == 2 and "missing" in res.output
+
+
+DEEPSPEED_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+from coherendream.config import from_dict
+from coherendream.critic.train import CriticTrainConfig, make_trainer
+cfg = from_dict(CriticTrainConfig, json.loads(sys.argv[1]))
+trainer = make_trainer(cfg)
+trainer.train()
+engine = trainer.model_wrapped
+losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+print("RESULT", json.dumps({"engine": type(engine).__name__, "stage": engine.zero_optimization_stage(),
+      "optimizer": type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer).__name__,
+      "losses": losses}))
+"""
+
+
+def test_deepspeed_zero2_trains_on_cpu(tmp_path, tiny, dataset):
+    """DeepSpeed runs its ZeRO optimizer on the CPU accelerator with the gloo backend, one process."""
+    import socket
+
+    cfg = train_config(tiny, dataset, tmp_path / "ds", max_steps=12, deepspeed="zero2", save_strategy="no")
+    from coherendream.config import to_dict
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", DEEPSPEED_SCRIPT, json.dumps(to_dict(cfg))], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert result["engine"] == "DeepSpeedEngine" and result["stage"] == 2
+    assert "Zero" in result["optimizer"] or "ZeRO" in result["optimizer"], result["optimizer"]
+    losses = result["losses"]
+    assert len(losses) == 12 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
