@@ -302,6 +302,9 @@ class Critic:
         if isinstance(views, torch.Tensor):
             return self._preprocess(self._check_tensor_views(views))
         samples = self._load_views(views)
+        if len({tuple(s.shape) for s in samples}) == 1:
+            # one resize for the whole batch: per-sample calls dominated scoring time on CPU
+            return self._preprocess(torch.cat(samples, dim=0))
         return torch.cat([self._preprocess(sample) for sample in samples], dim=0)
 
     def _check_tensor_views(self, views: torch.Tensor) -> torch.Tensor:
