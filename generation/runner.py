@@ -1,0 +1,558 @@
+"""Text-to-3D generation with TCSD: prompt -> layout -> Gaussians -> optimisation -> PLY, views, GIF.
+
+``generate(config)`` reads top to bottom:
+
+1. build the swappable parts: the SDS prior (``prior: none`` allowed), the critic (a path, or any
+   object with ``score(views [B, V, 3, H, W], prompts) -> .margin`` passed in), the layout planner;
+2. plan the layout (or read it back when resuming), seed ``num_gaussians`` Gaussians inside the
+   boxes with each object's colour, build Adam with one learning rate per parameter group;
+3. loop: sample V orbit cameras, render ``[V, 3, H, W]``, compute the image gradient of
+   ``L_SDS + lambda * L_critic`` (``coherendream.generation.tcsd``; or reward-weighted SDS),
+   backpropagate it once into the Gaussians, step, log one JSONL record; a step whose loss or
+   gradient is NaN/inf is skipped (no update) and logged as such; checkpoint every
+   ``checkpoint_every`` steps (model, optimiser, step, RNG states; atomic);
+4. write the outputs (3DGS PLY, PNG views at azimuths 0/90/180/270, turntable GIF, plus MP4 when
+   imageio has an ffmpeg/pyav backend, the resolved config, the layout JSON, summary.json).
+
+Re-running with the same ``output_dir`` resumes from the last checkpoint; all randomness comes from
+one seeded ``torch.Generator`` (CPU) whose state is checkpointed, so an interrupted and resumed run
+ends with the same Gaussians as an uninterrupted one (on CPU, bit for bit).
+
+Output folder layout::
+
+    config.yaml  layout.json  metrics.jsonl  summary.json  gaussians.ply  turntable.gif [turntable.mp4]
+    views/az000.png views/az090.png views/az180.png views/az270.png  views/grid.png
+    checkpoints/last.pt
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from coherendream.cameras import Camera
+from coherendream.config import dump_yaml, to_dict
+from coherendream.generation.camera_sampler import OrbitCameraSampler
+from coherendream.generation.gaussians import GaussianModel
+from coherendream.generation.guidance import SDSConfig
+from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout, validate_layout
+from coherendream.generation.tcsd import CriticTerm, StepGradients, TCSDConfig, reward_weighted_sds, tcsd_step
+from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
+
+__all__ = [
+    "LayoutSettings",
+    "GaussianInit",
+    "LearningRates",
+    "CameraSettings",
+    "CriticSettings",
+    "OutputSettings",
+    "GenerateConfig",
+    "GenerationResult",
+    "generate",
+    "build_optimizer",
+    "build_planner",
+    "eval_cameras",
+    "score_model",
+]
+
+CHECKPOINT_NAME = "checkpoints/last.pt"
+# Keys whose change does not alter the optimisation of steps already done: a run may be resumed
+# with these changed (e.g. more steps, another device); anything else must match the checkpoint.
+_RESUMABLE_CHANGES = {"steps", "max_steps_this_run", "checkpoint_every", "output_dir", "device", "progress", "outputs", "resume"}
+
+
+# --------------------------------------------------------------------------------------------
+# Config tree
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayoutSettings:
+    """Which planner turns the prompt into boxes, and how Gaussians are seeded in them.
+
+    ``planner``: ``rules`` (offline, deterministic), ``openai`` (an OpenAI-compatible endpoint,
+    e.g. a local vLLM server: ``model``, ``base_url``, ``api_key_env``) or ``transformers`` (a local
+    chat model: ``model`` is its hub id or folder, run on ``llm_device``). LLM planners fall back
+    to the rules when their answer fails validation ``max_attempts`` times.
+    """
+
+    planner: Literal["rules", "openai", "transformers"] = "rules"
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    max_attempts: int = 3
+    temperature: float = 0.0
+    json_mode: bool = False
+    timeout: float = 60.0
+    llm_device: str = "cpu"
+    max_new_tokens: int = 768
+    point_shape: Literal["ellipsoid", "box"] = "ellipsoid"
+    min_points_per_object: int = 64
+
+
+@dataclass
+class GaussianInit:
+    """Initial Gaussians: isotropic std ``scale`` (world units; None = 3DGS's 3-NN rule), one opacity."""
+
+    scale: float | None = 0.02
+    opacity: float = 0.1
+
+
+@dataclass
+class LearningRates:
+    """Adam learning rates per parameter group (raw parameters, see ``GaussianModel``)."""
+
+    means: float = 1.0e-3
+    log_scales: float = 5.0e-3
+    quats: float = 1.0e-3
+    opacity_logits: float = 2.0e-2
+    colors: float = 2.0e-2
+
+
+@dataclass
+class CameraSettings:
+    """Orbit camera ranges (degrees, world units; the scene lives in the unit cube) and background RGB."""
+
+    elevation_range: tuple[float, float] = (0.0, 30.0)
+    distance_range: tuple[float, float] = (2.2, 2.8)
+    fov_range: tuple[float, float] = (35.0, 45.0)
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+
+@dataclass
+class CriticSettings:
+    """The critic checkpoint: ``path`` (a merged model or adapter folder, or a hub id) + optional
+    ``adapter``; ``dtype`` default bf16 on CUDA, fp32 on CPU. ``path: null`` = no critic."""
+
+    path: str | None = None
+    adapter: str | None = None
+    dtype: str | None = None
+
+
+@dataclass
+class OutputSettings:
+    """Final renders: evaluation camera (elevation, distance, FoV), turntable frames and fps, and
+    whether to try an MP4 besides the GIF (only when imageio has an ffmpeg or pyav backend)."""
+
+    elevation: float = 15.0
+    distance: float = 2.5
+    fov: float = 40.0
+    resolution: int | None = None
+    turntable_frames: int = 36
+    turntable_fps: int = 12
+    mp4: bool = True
+
+
+@dataclass
+class GenerateConfig:
+    """Everything a generation run needs (YAML + ``key=value`` overrides via ``load_config``).
+
+    ``mode``: ``sds`` (prior only; a critic, if given, is only used to score the result),
+    ``tcsd`` (prior + critic term, or critic alone with ``prior: none``), ``reward_weighted``
+    (reward-weighted SDS, needs both). ``prior``: an :class:`SDSConfig` mapping, or ``none``.
+    ``max_steps_this_run``: stop (with a checkpoint) after this many steps of this invocation;
+    re-running continues. ``resume: false`` discards an existing checkpoint in ``output_dir``.
+    ``device``: ``auto`` (cuda when available) | ``cpu`` | ``cuda``; ``backend``: rasteriser
+    (``auto`` = gsplat on CUDA, else the PyTorch one).
+    """
+
+    prompt: str = "a red cube to the left of a blue sphere"
+    seed: int = 0
+    steps: int = 300
+    resolution: int = 64
+    num_views: int = 4
+    num_gaussians: int = 4096
+    mode: Literal["sds", "tcsd", "reward_weighted"] = "tcsd"
+    layout: LayoutSettings = field(default_factory=LayoutSettings)
+    init: GaussianInit = field(default_factory=GaussianInit)
+    lr: LearningRates = field(default_factory=LearningRates)
+    cameras: CameraSettings = field(default_factory=CameraSettings)
+    prior: SDSConfig | Literal["none"] | None = None
+    critic: CriticSettings = field(default_factory=CriticSettings)
+    tcsd: TCSDConfig = field(default_factory=TCSDConfig)
+    checkpoint_every: int = 100
+    max_steps_this_run: int | None = None
+    resume: bool = True
+    output_dir: str = "outputs/generate"
+    device: str = "auto"
+    backend: Literal["auto", "torch", "gsplat"] = "auto"
+    progress: bool = True
+    outputs: OutputSettings = field(default_factory=OutputSettings)
+
+    def __post_init__(self) -> None:
+        if self.prior == "none":
+            self.prior = None
+        if not self.prompt.strip():
+            raise ValueError("prompt is empty")
+        for name in ("steps", "resolution", "num_views", "num_gaussians", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps_this_run is not None and self.max_steps_this_run < 0:
+            raise ValueError(f"max_steps_this_run must be >= 0 or null, got {self.max_steps_this_run}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
+
+
+@dataclass
+class GenerationResult:
+    """What a call of :func:`generate` did.
+
+    ``model``: the Gaussians at the end of this call. ``step``: optimisation steps done in total.
+    ``finished``: ``step == config.steps`` (outputs written). ``resumed_from``: the checkpoint step
+    this call started from (None: a fresh run). ``skipped_steps``: steps whose update was dropped
+    for a non-finite loss/gradient (this call's and the resumed ones'). ``final_critic``:
+    ``{"margin", "prob_yes"}`` of the critic on the V evaluation views (None without a critic).
+    ``paths``: output files by name.
+    """
+
+    output_dir: Path
+    model: GaussianModel
+    step: int
+    finished: bool
+    resumed_from: int | None
+    skipped_steps: list[int]
+    final_critic: dict[str, float] | None
+    paths: dict[str, Path]
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Parts
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for but CUDA is not available")
+    return torch.device(name)
+
+
+def build_planner(settings: LayoutSettings) -> Any:
+    """The layout planner named by ``settings`` (anything with ``plan(prompt) -> LayoutResult``)."""
+    from coherendream.generation.layout import RuleBasedPlanner
+
+    if settings.planner == "rules":
+        return RuleBasedPlanner()
+    common = {"max_attempts": settings.max_attempts}
+    if settings.planner == "openai":
+        from coherendream.generation.layout_llm import OpenAIPlanner
+
+        if not settings.model:
+            raise ValueError("layout.planner=openai needs layout.model (the served model's name)")
+        return OpenAIPlanner(
+            settings.model, base_url=settings.base_url, api_key_env=settings.api_key_env, timeout=settings.timeout,
+            temperature=settings.temperature, json_mode=settings.json_mode, **common,
+        )  # fmt: skip
+    from coherendream.generation.layout_llm import TransformersPlanner
+
+    if not settings.model:
+        raise ValueError("layout.planner=transformers needs layout.model (a hub id or local folder)")
+    return TransformersPlanner(settings.model, device=settings.llm_device, max_new_tokens=settings.max_new_tokens, **common)
+
+
+def build_optimizer(model: GaussianModel, lr: LearningRates) -> torch.optim.Adam:
+    """Adam over the five raw parameter groups, each with its own learning rate (named groups,
+    in a fixed order, so an optimiser state dict loads back onto a rebuilt optimiser)."""
+    groups = [{"params": [getattr(model, name)], "lr": getattr(lr, name), "name": name} for name in ("means", "log_scales", "quats", "opacity_logits", "colors")]
+    # eps 1e-15 as in 3DGS: raw Gaussian parameters can have tiny gradients that Adam should still follow.
+    return torch.optim.Adam(groups, lr=lr.means, eps=1e-15)
+
+
+def eval_cameras(azimuths: list[float], settings: OutputSettings, resolution: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``viewmats [C, 4, 4]``, ``Ks [C, 3, 3]`` of fixed orbit cameras for outputs and scoring."""
+    cams = [Camera.orbit(float(a), settings.elevation, settings.distance, settings.fov, resolution) for a in azimuths]
+    vm = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32, device=device)
+    ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32, device=device)
+    return vm, ks
+
+
+@torch.no_grad()
+def render_views(model: GaussianModel, azimuths: list[float], settings: OutputSettings, resolution: int, background: torch.Tensor, backend: str, chunk: int = 8) -> torch.Tensor:
+    """``[C, 3, R, R]`` renders in [0, 1] at ``azimuths`` (degrees), ``chunk`` cameras at a time."""
+    out = []
+    for i in range(0, len(azimuths), chunk):
+        vm, ks = eval_cameras(azimuths[i : i + chunk], settings, resolution, model.means.device)
+        out.append(model.render(vm, ks, resolution, resolution, backgrounds=background, backend=backend).rgb.permute(0, 3, 1, 2))
+    return torch.cat(out).clamp(0.0, 1.0)
+
+
+@torch.no_grad()
+def score_model(model: GaussianModel, critic: Any, prompt: str, num_views: int, settings: OutputSettings, resolution: int, background: torch.Tensor, backend: str = "auto") -> dict[str, float]:
+    """The critic's ``margin`` and ``prob_yes`` of ``num_views`` evenly spaced views (azimuth 0 first)."""
+    views = render_views(model, [360.0 * i / num_views for i in range(num_views)], settings, resolution, background, backend)
+    out = critic.score(views[None], [prompt])
+    margin = float(out.margin.float().reshape(-1)[0])
+    prob = float(out.prob_yes.float().reshape(-1)[0]) if hasattr(out, "prob_yes") else 1.0 / (1.0 + math.exp(-margin))
+    return {"margin": margin, "prob_yes": prob}
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``[C, 3, H, W]`` in [0, 1] -> ``[C, H, W, 3]`` uint8."""
+    return (images.permute(0, 2, 3, 1).clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    with atomic_path(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+def _video_backend() -> str | None:
+    """imageio plugin able to write MP4, if one is installed (no new dependency is pulled in)."""
+    for module, plugin in (("imageio_ffmpeg", "FFMPEG"), ("av", "pyav")):
+        try:
+            __import__(module)
+            return plugin
+        except ImportError:
+            continue
+    return None
+
+
+def write_outputs(model: GaussianModel, config: GenerateConfig, out: Path, background: torch.Tensor, backend: str) -> tuple[dict[str, Path], list[str]]:
+    """PLY, PNG views at 0/90/180/270 (+ a 2x2 grid), turntable GIF (and MP4 when possible)."""
+    import imageio.v3 as iio
+
+    paths: dict[str, Path] = {}
+    notes: list[str] = []
+    res = config.outputs.resolution or config.resolution
+    paths["ply"] = out / "gaussians.ply"
+    model.export_ply(paths["ply"])
+    views = _to_uint8(render_views(model, [0.0, 90.0, 180.0, 270.0], config.outputs, res, background, backend))
+    for az, img in zip((0, 90, 180, 270), views):
+        paths[f"view_{az:03d}"] = out / "views" / f"az{az:03d}.png"
+        _save_png(paths[f"view_{az:03d}"], img)
+    grid = np.concatenate([np.concatenate(views[:2], axis=1), np.concatenate(views[2:], axis=1)], axis=0)
+    paths["grid"] = out / "views" / "grid.png"
+    _save_png(paths["grid"], grid)
+    n = config.outputs.turntable_frames
+    if n > 0:
+        frames = _to_uint8(render_views(model, [360.0 * i / n for i in range(n)], config.outputs, res, background, backend))
+        paths["gif"] = out / "turntable.gif"
+        with atomic_path(paths["gif"]) as tmp:
+            iio.imwrite(tmp, list(frames), extension=".gif", duration=1000.0 / config.outputs.turntable_fps, loop=0)
+        plugin = _video_backend() if config.outputs.mp4 else None
+        if config.outputs.mp4 and plugin is None:
+            notes.append("no MP4: imageio has no ffmpeg/pyav backend here (pip install imageio-ffmpeg); wrote the GIF only")
+        elif plugin is not None:
+            try:
+                with atomic_path(out / "turntable.mp4") as tmp:
+                    iio.imwrite(tmp, frames, extension=".mp4", plugin=plugin, fps=config.outputs.turntable_fps)
+                paths["mp4"] = out / "turntable.mp4"
+            except Exception as err:  # a broken codec install must not lose the run's other outputs
+                notes.append(f"no MP4: {type(err).__name__}: {err}")
+    return paths, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, step: int, model: GaussianModel, optimizer: torch.optim.Optimizer, generator: torch.Generator, config: GenerateConfig, skipped: list[int]) -> None:
+    """Atomic ``torch.save`` of everything a resume needs (all tensors on CPU; weights_only-loadable)."""
+    state = {
+        "step": step,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": _to_cpu(optimizer.state_dict()),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "config": to_dict(config),
+        "skipped": list(skipped),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    keys = (set(saved) | set(current)) - _RESUMABLE_CHANGES
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def _check_parts(config: GenerateConfig, critic: Any, guidance: Any) -> None:
+    has_prior = guidance is not None or config.prior is not None
+    has_critic = critic is not None or config.critic.path is not None
+    if config.mode in ("tcsd", "reward_weighted") and not has_critic:
+        raise ValueError(
+            f"mode {config.mode!r} needs a critic: set critic.path to a critic checkpoint folder (for example one written by "
+            "`coherendream critic train` or `coherendream critic build-tiny`); the embedded default critic is not built yet"
+        )
+    if config.mode in ("sds", "reward_weighted") and not has_prior:
+        raise ValueError(f"mode {config.mode!r} needs a prior: set prior.pretrained_model_name_or_path (prior: none only works with mode tcsd)")
+    if config.tcsd.critic.x0_straight_through and config.mode == "tcsd" and not has_prior:
+        raise ValueError("tcsd.critic.x0_straight_through needs a prior (x0 is the prior's prediction); set it false with prior: none")
+
+
+def _finite(step_out: StepGradients) -> bool:
+    return math.isfinite(step_out.loss) and step_out.grad is not None and bool(torch.isfinite(step_out.grad).all())
+
+
+def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None) -> GenerationResult:
+    """Run (or resume) a generation; see the module docstring.
+
+    Args:
+        config: The run's settings.
+        critic: Optional ready critic (anything with ``score(views, prompts) -> .margin``); default
+            loads ``config.critic.path``.
+        guidance: Optional ready SDS prior (an ``SDSGuidance``); default loads ``config.prior``.
+    """
+    t_start = time.perf_counter()
+    _check_parts(config, critic, guidance)
+    device = resolve_device(config.device)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / CHECKPOINT_NAME
+    metrics_path = out / "metrics.jsonl"
+
+    # ---- 1. parts
+    if guidance is None and config.prior is not None:
+        from coherendream.generation.guidance import SDSGuidance
+
+        guidance = SDSGuidance.from_pretrained(None, config.prior, device)
+    if critic is None and config.critic.path is not None:
+        from coherendream.critic.model import Critic
+
+        critic = Critic.from_pretrained(config.critic.path, adapter=config.critic.adapter, dtype=config.critic.dtype, device=device)
+    critic_views = getattr(getattr(critic, "config", None), "num_views", None)
+    if critic is not None and critic_views is not None and critic_views != config.num_views:
+        raise ValueError(f"the critic expects {critic_views} views per sample but num_views={config.num_views}")
+
+    # ---- 2. layout, Gaussians, optimiser (or the checkpoint's)
+    state = None
+    if ckpt_path.is_file():
+        if config.resume:
+            state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+            diff = _config_mismatch(state["config"], to_dict(config))
+            if diff:
+                raise ValueError(
+                    f"{out} holds a checkpoint of a different run (settings differ: {', '.join(diff)}); "
+                    "use another output_dir or resume=false to start over"
+                )
+        else:
+            ckpt_path.unlink()
+    generator = torch.Generator().manual_seed(config.seed)  # CPU: same draws on every device
+    if state is not None:
+        # The layout of the checkpointed run, not a new plan (an LLM planner need not repeat itself).
+        layout = validate_layout(json.loads((out / "layout.json").read_text(encoding="utf-8"))["layout"], check_geometry=False)
+    else:
+        planned = build_planner(config.layout).plan(config.prompt)
+        layout = planned.layout
+        write_json(out / "layout.json", {"prompt": config.prompt, "source": planned.source, "errors": planned.errors,
+                                         "repairs": planned.repairs, "layout": layout.to_dict()})  # fmt: skip
+    points, object_ids = sample_points_in_layout(
+        layout, config.num_gaussians, generator, min_per_object=config.layout.min_points_per_object, shape=config.layout.point_shape
+    )
+    colors = colors_from_prompts(layout)[object_ids]
+    model = GaussianModel.from_points(points, colors, scale=config.init.scale, opacity=config.init.opacity, object_ids=object_ids).to(device)
+    optimizer = build_optimizer(model, config.lr)
+    start, skipped = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer = build_optimizer(model, config.lr)  # over the loaded Parameters
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start, skipped = int(state["step"]), list(state["skipped"])
+    write_text(out / "config.yaml", dump_yaml(config))
+    # Metrics of steps after the checkpoint were lost with the interrupted run: they are redone.
+    old = read_jsonl(metrics_path) if metrics_path.is_file() and state is not None else []
+    write_jsonl(metrics_path, [r for r in old if r.get("step", -1) < start])
+
+    # ---- 3. optimisation
+    sampler = OrbitCameraSampler(config.num_views, config.resolution, None, config.cameras.elevation_range, config.cameras.distance_range, config.cameras.fov_range)
+    background = torch.tensor(config.cameras.background, dtype=torch.float32, device=device)
+    critic_term = CriticTerm(critic, config.tcsd.critic) if config.mode == "tcsd" else None
+    stop = config.steps if config.max_steps_this_run is None else min(config.steps, start + config.max_steps_this_run)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, stop), initial=start, total=config.steps, desc="generate", disable=not config.progress, dynamic_ncols=True)
+    with open(metrics_path, "a", encoding="utf-8") as log:
+        for step in bar:
+            t0 = time.perf_counter()
+            cams = sampler.sample(generator, device=device)
+            rgb = model.render(cams.viewmats, cams.Ks, config.resolution, config.resolution, backgrounds=background, backend=config.backend)
+            rgb = rgb.rgb.permute(0, 3, 1, 2)  # [V, 3, H, W]
+            sds_prompts = None
+            if guidance is not None:
+                sds_prompts = guidance.prompts_for_views(config.prompt, cams.azimuths.tolist(), cams.elevations.tolist())
+            if config.mode == "reward_weighted":
+                g = reward_weighted_sds(rgb, config.prompt, step, guidance, critic, config.tcsd.reward_weighted, sds_prompts=sds_prompts, generator=generator)
+            else:
+                g = tcsd_step(rgb, config.prompt, step, guidance=guidance, critic_term=critic_term, sds_prompts=sds_prompts, generator=generator)
+
+            optimizer.zero_grad(set_to_none=True)
+            status = "ok"
+            if g.grad is None:
+                status = "idle"  # no term active this step (critic-only run between critic steps)
+            elif not _finite(g):
+                status = "skipped: non-finite loss or image gradient"
+            else:
+                rgb.backward(g.grad)  # one VJP through the rasteriser for all terms
+                if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
+                    status = "skipped: non-finite parameter gradient"
+                else:
+                    optimizer.step()
+            if status.startswith("skipped"):
+                skipped.append(step)
+                optimizer.zero_grad(set_to_none=True)  # nothing of the bad step survives
+            record = {"step": step, "status": status, **g.log_record(), "seconds": time.perf_counter() - t0}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{v:.3g}" for k, v in (("loss", g.loss), ("sds", g.loss_sds), ("critic", g.loss_critic), ("lam", g.lam), ("P(yes)", g.prob_yes)) if v is not None})
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == stop:
+                save_checkpoint(ckpt_path, done, model, optimizer, generator, config, skipped)
+    bar.close()
+    step = max(stop, start)
+
+    # ---- 4. outputs (only once the run is complete)
+    finished = step >= config.steps
+    paths: dict[str, Path] = {"config": out / "config.yaml", "layout": out / "layout.json", "metrics": metrics_path, "checkpoint": ckpt_path}
+    notes: list[str] = []
+    final_critic = None
+    if finished:
+        if stop == start and not ckpt_path.is_file():
+            save_checkpoint(ckpt_path, step, model, optimizer, generator, config, skipped)
+        files, notes = write_outputs(model, config, out, background, config.backend)
+        paths.update(files)
+        if critic is not None:
+            final_critic = score_model(model, critic, config.prompt, config.num_views, config.outputs, config.resolution, background, config.backend)
+        summary = {
+            "prompt": config.prompt, "mode": config.mode, "steps": step, "skipped_steps": skipped,
+            "final_critic": final_critic, "num_gaussians": model.num_gaussians, "device": str(device),
+            "seconds_this_call": time.perf_counter() - t_start, "resumed_from": start if state is not None else None, "notes": notes,
+        }  # fmt: skip
+        write_json(out / "summary.json", summary)
+        paths["summary"] = out / "summary.json"
+    return GenerationResult(
+        output_dir=out, model=model, step=step, finished=finished, resumed_from=start if state is not None else None,
+        skipped_steps=skipped, final_critic=final_critic, paths=paths, seconds=time.perf_counter() - t_start, notes=notes,
+    )  # fmt: skip
