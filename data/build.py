@@ -437,6 +437,10 @@ _WORKER: ChunkBuilder | None = None
 
 def _init_worker(config: BuildConfig, pools) -> None:
     global _WORKER  # one builder (and one GL context) per worker process
+    from coherendream.data.render import configure_llvmpipe_threads
+
+    # the workers already use every core: llvmpipe's own rasteriser threads would only contend
+    configure_llvmpipe_threads(1)
     _WORKER = ChunkBuilder(config, pools)
 
 

@@ -107,7 +107,10 @@ class MeshRenderer:
                 f"({type(err).__name__}: {err})"
             ) from err
         self.program = self.ctx.program(vertex_shader=_VERTEX_SHADER, fragment_shader=_FRAGMENT_SHADER)
-        size = (self.resolution, self.resolution)
+        # All views of a call are drawn side by side into one strip: one MSAA resolve and one read
+        # per asset instead of one per view (each costs a pipeline flush on llvmpipe).
+        self.max_views = max(1, min(8, int(self.ctx.info["GL_MAX_RENDERBUFFER_SIZE"]) // self.resolution))
+        size = (self.resolution * self.max_views, self.resolution)
         samples = min(samples, int(self.ctx.max_samples))
         self._msaa = self.ctx.framebuffer(
             color_attachments=[self.ctx.renderbuffer(size, 4, samples=samples)],
@@ -133,21 +136,25 @@ class MeshRenderer:
         rgba = np.empty((len(cameras), res, res, 4), dtype=np.uint8)
         depth_maps = np.empty((len(cameras), res, res), dtype=np.float32) if depth else None
         normal_maps = np.empty((len(cameras), res, res, 3), dtype=np.float32) if normals else None
+        # Cleared to the background colour with alpha 0, the MSAA resolve averages covered samples
+        # with the background: RGB comes out composited over the background and alpha = coverage.
+        background = (*(float(x) for x in self.background), 0.0)
         try:
             self.ctx.enable(self.ctx.DEPTH_TEST)
-            for i, cam in enumerate(cameras):
-                self._set_camera(cam)
-                self._draw(self._msaa, draws)
+            for start in range(0, len(cameras), self.max_views):
+                group = cameras[start : start + self.max_views]
+                n = len(group)
+                self._draw_strip(self._msaa, draws, group, background)
                 self.ctx.copy_framebuffer(self._resolved, self._msaa)
-                rgba[i] = self._composite(self._read(self._resolved, 0, 4, "f1"))
+                rgba[start : start + n] = self._read_strip(self._resolved, 0, 4, "f1", n)
                 if depth or normals:
-                    self._draw(self._aux, draws)
+                    self._draw_strip(self._aux, draws, group, (0.0, 0.0, 0.0, 0.0))
                     if normals:
-                        normal_maps[i] = self._read(self._aux, 1, 4, "f4")[..., :3]
+                        normal_maps[start : start + n] = self._read_strip(self._aux, 1, 4, "f4", n)[..., :3]
                     if depth:
-                        d = self._read(self._aux, 2, 1, "f4")[..., 0]
-                        cover = self._read(self._aux, 0, 4, "f1")[..., 3] > 0
-                        depth_maps[i] = np.where(cover, d, np.inf)
+                        d = self._read_strip(self._aux, 2, 1, "f4", n)[..., 0]
+                        cover = self._read_strip(self._aux, 0, 4, "f1", n)[..., 3] > 0
+                        depth_maps[start : start + n] = np.where(cover, d, np.inf)
         finally:
             for vao, buffers, texture, _ in draws:
                 vao.release()
@@ -182,30 +189,32 @@ class MeshRenderer:
             texture.repeat_x = texture.repeat_y = True
         return vao, [vbo], texture, part.base_color
 
-    def _draw(self, fbo, draws) -> None:
-        fbo.use()
-        fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
-        for vao, _, texture, base_color in draws:
-            (texture or self._white).use(0)
-            self.program["tex"].value = 0
-            self.program["use_texture"].value = texture is not None
-            self.program["base_color"].value = tuple(float(x) for x in base_color)
-            vao.render()
-
-    def _read(self, fbo, attachment: int, components: int, dtype: str) -> np.ndarray:
+    def _draw_strip(self, fbo, draws, cameras: list[Camera], clear: tuple[float, float, float, float]) -> None:
+        """Draw view j of ``cameras`` into the j-th ``res x res`` cell of the strip."""
         res = self.resolution
-        raw = fbo.read(components=components, attachment=attachment, dtype=dtype)
-        arr = np.frombuffer(raw, dtype=np.uint8 if dtype == "f1" else np.float32).reshape(res, res, components)
-        return arr[::-1]  # GL rows are bottom-up; images are top-down
+        fbo.use()
+        fbo.scissor = None
+        fbo.viewport = (0, 0, res * len(cameras), res)
+        fbo.clear(*clear, depth=1.0, viewport=fbo.viewport)
+        for j, cam in enumerate(cameras):
+            cell = (j * res, 0, res, res)
+            fbo.viewport = cell
+            fbo.scissor = cell  # nothing of view j may spill into its neighbours
+            self._set_camera(cam)
+            for vao, _, texture, base_color in draws:
+                (texture or self._white).use(0)
+                self.program["tex"].value = 0
+                self.program["use_texture"].value = texture is not None
+                self.program["base_color"].value = tuple(float(x) for x in base_color)
+                vao.render()
+        fbo.scissor = None
 
-    def _composite(self, premultiplied: np.ndarray) -> np.ndarray:
-        # the MSAA resolve averages covered samples with the (0,0,0,0) clear: colour is premultiplied
-        rgb = premultiplied[..., :3].astype(np.float32) / 255.0
-        alpha = premultiplied[..., 3:4].astype(np.float32) / 255.0
-        out = np.empty(premultiplied.shape, dtype=np.uint8)
-        out[..., :3] = np.clip(np.rint((rgb + self.background * (1.0 - alpha)) * 255.0), 0, 255)
-        out[..., 3] = premultiplied[..., 3]
-        return out
+    def _read_strip(self, fbo, attachment: int, components: int, dtype: str, n: int) -> np.ndarray:
+        """``[n, res, res, components]`` views, rows top-down, from the strip's first ``n`` cells."""
+        res = self.resolution
+        raw = fbo.read(viewport=(0, 0, res * n, res), components=components, attachment=attachment, dtype=dtype)
+        arr = np.frombuffer(raw, dtype=np.uint8 if dtype == "f1" else np.float32).reshape(res, n, res, components)
+        return arr[::-1].transpose(1, 0, 2, 3)  # GL rows are bottom-up; images are top-down
 
     def release(self) -> None:
         self.ctx.release()
