@@ -191,6 +191,54 @@ def critic_build_tiny(
     typer.echo(f"tiny critic written to {build_tiny_critic(output, image_size=image_size, seed=seed)}")
 
 
+@app.command("generate")
+def generate_command(
+    overrides: Overrides = None,
+    config: ConfigPath = None,
+    prompt: Annotated[Optional[str], typer.Option(help="text prompt of the scene")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (re-running it resumes)")] = None,
+    critic: Annotated[Optional[str], typer.Option(help="critic: local folder or hub id (required by mode tcsd)")] = None,
+    prior: Annotated[Optional[str], typer.Option(help="diffusers SD-style prior (hub id or folder), or 'none'")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="sds, tcsd or reward_weighted")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimisation steps")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
+) -> None:
+    """Generate 3D Gaussians for a prompt with TCSD (SDS prior + critic term) and write a 3DGS PLY,
+    multiview PNGs, a turntable GIF, the resolved config, the layout and a metrics JSONL.
+
+    Re-running with the same output folder resumes from its last checkpoint.
+    """
+    import json as _json
+
+    from coherendream.config import load_config
+    from coherendream.generation.runner import GenerateConfig, generate
+
+    extra = list(overrides or [])
+    # Strings as JSON (a YAML double-quoted scalar), so prompts with ':' or '#' stay strings.
+    for key, value in (("prompt", prompt), ("output_dir", output), ("critic.path", critic), ("mode", mode)):
+        if value is not None:
+            extra.append(f"{key}={_json.dumps(str(value))}")
+    if prior is not None:
+        extra.append("prior=none" if prior.lower() == "none" else f"prior.pretrained_model_name_or_path={_json.dumps(prior)}")
+    for key, value in (("steps", steps), ("device", device)):
+        if value is not None:
+            extra.append(f"{key}={value}")
+    try:
+        cfg = load_config(GenerateConfig, config, extra)
+        result = generate(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    if not result.finished:
+        typer.echo(f"stopped at step {result.step}/{cfg.steps}; run the same command again to resume -> {result.output_dir.resolve()}")
+        return
+    score = result.final_critic
+    typer.echo(f"generated in {result.output_dir.resolve()} ({result.step} steps, {len(result.skipped_steps)} skipped, {result.seconds:.1f} s)")
+    if score is not None:
+        typer.echo(f"critic on the final views: P(yes) = {score['prob_yes']:.4f}, margin = {score['margin']:.4f}")
+    for note in result.notes:
+        typer.echo(f"note: {note}")
+
+
 def main() -> None:
     app()
 

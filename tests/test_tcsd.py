@@ -1,0 +1,239 @@
+"""TCSD objective: gradient-norm matching, the critic term's gradient, schedule, x0 straight-through,
+reward-weighted SDS. Stub critics (tiny differentiable functions of the views) keep this fast; one
+test uses the tiny SD prior for the SDS side."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from coherendream.generation.guidance import SDSConfig, SDSGuidance
+from coherendream.generation.tcsd import (
+    CriticTerm,
+    CriticTermConfig,
+    RewardWeightedConfig,
+    critic_loss,
+    match_gradient_norm,
+    reward_weighted_sds,
+    reward_weights,
+    straight_through,
+    tcsd_step,
+)
+from coherendream.generation.tiny_prior import build_tiny_prior
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@dataclass
+class Out:
+    margin: torch.Tensor
+    prob_yes: torch.Tensor
+
+
+class StubCritic:
+    """margin = <w, views> + b per sample: a smooth, differentiable critic of [B, V, 3, H, W]."""
+
+    def __init__(self, shape, seed=0, dtype=torch.float32, nonlinear=True):
+        g = torch.Generator().manual_seed(seed)
+        self.w = torch.randn(shape, generator=g, dtype=dtype) / shape.numel() ** 0.5
+        self.nonlinear = nonlinear
+        self.calls = 0
+
+    def score(self, views, prompts):
+        assert views.ndim == 5 and len(prompts) == views.shape[0]
+        self.calls += 1
+        x = views * self.w.to(views)
+        m = x.flatten(1).sum(1)
+        if self.nonlinear:
+            m = m + 0.5 * torch.tanh(3 * x).flatten(1).sum(1)
+        return Out(margin=m, prob_yes=torch.sigmoid(m))
+
+
+class BrightnessCritic:
+    """Scores mean brightness: the reward-weighted test wants a known ordering of draws."""
+
+    def score(self, views, prompts):
+        m = 10.0 * (views.flatten(1).mean(1) - 0.5)
+        return Out(margin=m, prob_yes=torch.sigmoid(m))
+
+
+@pytest.fixture(scope="module")
+def tiny_guidance(tmp_path_factory):
+    path = build_tiny_prior(tmp_path_factory.mktemp("prior"), seed=0)
+    return SDSGuidance.from_pretrained(path, SDSConfig(local_files_only=True), device="cpu")
+
+
+def _images(seed=0, v=4, h=16):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(v, 3, h, h, generator=g)
+
+
+# ----------------------------------------------------------------------------- gradient matching
+
+
+def test_match_gradient_norm_gives_the_stated_ratio():
+    g = torch.Generator().manual_seed(1)
+    g_sds = torch.randn(4, 3, 8, 8, generator=g) * 7.0
+    g_c = torch.randn(4, 3, 8, 8, generator=g) * 1e-3
+    for ratio in (0.1, 0.5, 2.0):
+        lam = match_gradient_norm(g_sds, g_c, ratio)
+        assert not lam.requires_grad
+        assert torch.isclose((lam * g_c).norm() / g_sds.norm(), torch.tensor(ratio), rtol=1e-5)
+    assert match_gradient_norm(g_sds, g_c, 0.5, max_lambda=3.0) == 3.0
+
+
+def test_tcsd_step_matches_ratio_with_real_sds(tiny_guidance):
+    rgb = _images(v=4, h=32)
+    critic = StubCritic(torch.Size([1, 4, 3, 32, 32]))
+    term = CriticTerm(critic, CriticTermConfig(grad_ratio=0.3))
+    gen = torch.Generator().manual_seed(0)
+    out = tcsd_step(rgb, "a red cube", 0, guidance=tiny_guidance, critic_term=term, generator=gen)
+    # Recompute both image gradients independently, with the same t and noise draws.
+    gen = torch.Generator().manual_seed(0)
+    img = rgb.clone().requires_grad_(True)
+    sds = tiny_guidance(img, ["a red cube"] * 4, 0, gen)
+    (g_sds,) = torch.autograd.grad(sds.loss_sds, img)
+    img2 = rgb.clone().requires_grad_(True)
+    (g_c,) = torch.autograd.grad(-F.logsigmoid(critic.score(img2[None], ["a red cube"]).margin).mean(), img2)
+    assert torch.allclose(out.grad, g_sds + out.lam * g_c, rtol=1e-4, atol=1e-6)
+    assert (out.lam * g_c).norm() / g_sds.norm() == pytest.approx(0.3, rel=1e-4)
+    assert out.grad_norm_sds == pytest.approx(float(g_sds.norm()), rel=1e-5)
+    assert out.grad_norm_critic == pytest.approx(float(g_c.norm()), rel=1e-5)
+    assert out.t == int(sds.t[0]) and out.critic_active
+
+
+# ----------------------------------------------------------------------------- critic gradient
+
+
+def test_critic_term_gradient_is_autograd_of_neg_logsigmoid_and_finite_differences():
+    rgb = _images(v=4, h=6).double()
+    critic = StubCritic(torch.Size([1, 4, 3, 6, 6]), dtype=torch.float64)
+    term = CriticTerm(critic, CriticTermConfig(weight=1.0))
+    img = rgb.clone().requires_grad_(True)
+    g_critic, lam, loss, _ = term.gradient(img, "p")
+    assert float(lam) == 1.0
+    ref_img = rgb.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(-F.logsigmoid(critic.score(ref_img[None], ["p"]).margin).sum(), ref_img)
+    assert torch.allclose(g_critic, ref, atol=1e-12)
+    # Central finite differences on a few pixels, float64.
+    f = lambda x: float(critic_loss(critic, x[None], ["p"])[0])  # noqa: E731
+    h = 1e-6
+    for idx in [(0, 0, 0, 0), (1, 2, 3, 4), (3, 1, 5, 5), (2, 0, 2, 1)]:
+        plus, minus = rgb.clone(), rgb.clone()
+        plus[idx] += h
+        minus[idx] -= h
+        fd = (f(plus) - f(minus)) / (2 * h)
+        assert fd == pytest.approx(float(g_critic[idx]), rel=1e-5, abs=1e-9)
+    assert float(loss) == pytest.approx(f(rgb), rel=1e-12)
+
+
+def test_no_prior_uses_fixed_weight():
+    rgb = _images(v=4, h=8)
+    critic = StubCritic(torch.Size([1, 4, 3, 8, 8]))
+    out = tcsd_step(rgb, "p", 0, guidance=None, critic_term=CriticTerm(critic, CriticTermConfig(weight=2.5)))
+    img = rgb.clone().requires_grad_(True)
+    (g_c,) = torch.autograd.grad(-F.logsigmoid(critic.score(img[None], ["p"]).margin).mean(), img)
+    assert out.lam == 2.5 and out.loss_sds is None and out.t is None
+    assert torch.allclose(out.grad, 2.5 * g_c, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_warmup_and_every_k_switching():
+    critic = StubCritic(torch.Size([1, 4, 3, 8, 8]))
+    term = CriticTerm(critic, CriticTermConfig(start_step=3, every_k=2))
+    assert [s for s in range(12) if term.active(s)] == [3, 5, 7, 9, 11]
+    rgb = _images(v=4, h=8)
+    calls = []
+    for step in range(6):
+        before = critic.calls
+        out = tcsd_step(rgb, "p", step, critic_term=term)
+        calls.append(critic.calls - before)
+        assert out.critic_active == term.active(step)
+        assert (out.grad is None) == (not term.active(step))  # no prior: nothing else to apply
+    assert calls == [0, 0, 0, 1, 0, 1]  # the critic is not even run when the term is off
+    with pytest.raises(ValueError):
+        CriticTermConfig(every_k=0)
+
+
+# ----------------------------------------------------------------------------- x0 straight-through
+
+
+def test_straight_through_value_of_x0_gradient_to_rgb():
+    rgb = _images(0, v=2, h=4).requires_grad_(True)
+    x0 = _images(1, v=2, h=4)
+    img = straight_through(rgb, x0)
+    assert torch.allclose(img, x0)
+    w = torch.randn_like(x0)
+    (img * w).sum().backward()
+    assert torch.allclose(rgb.grad, w)  # identity Jacobian: the critic's gradient on x0 lands on rgb
+
+
+def test_x0_straight_through_in_tcsd_step(tiny_guidance):
+    rgb = _images(v=4, h=32)
+    seen = []
+
+    class Recorder(StubCritic):
+        def score(self, views, prompts):
+            seen.append(views.detach().clone())
+            return super().score(views, prompts)
+
+    critic = Recorder(torch.Size([1, 4, 3, 32, 32]))
+    term = CriticTerm(critic, CriticTermConfig(x0_straight_through=True))
+    out = tcsd_step(rgb, "p", 0, guidance=tiny_guidance, critic_term=term, generator=torch.Generator().manual_seed(0))
+    # The critic saw the decoded x0 (not the renders), and its gradient still reached the renders.
+    gen = torch.Generator().manual_seed(0)
+    sds = tiny_guidance(rgb, ["p"] * 4, 0, gen)
+    x0 = F.interpolate(tiny_guidance.decode_latents(sds.pred_x0), size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1)
+    assert torch.allclose(seen[0][0], x0, atol=1e-5)
+    assert not torch.allclose(seen[0][0], rgb, atol=1e-2)
+    x0_req = x0.clone().requires_grad_(True)
+    (g_c,) = torch.autograd.grad(-F.logsigmoid(critic.score(x0_req[None], ["p"]).margin).mean(), x0_req)
+    assert out.grad_norm_critic == pytest.approx(float(g_c.norm()), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- reward-weighted SDS
+
+
+def test_reward_weights_sum_to_one_and_favour_higher_scores():
+    s = torch.tensor([0.1, 2.0, -1.0, 0.5])
+    for temp in (0.1, 1.0, 10.0):
+        w = reward_weights(s, temp)
+        assert w.sum() == pytest.approx(1.0, abs=1e-6)
+        assert torch.equal(torch.argsort(w), torch.argsort(s))
+    assert reward_weights(s, 0.01)[1] > 0.99
+    assert torch.allclose(reward_weights(s, 1e6), torch.full((4,), 0.25), atol=1e-4)
+    w = reward_weights(torch.tensor([float("nan"), 1.0, 0.0]))
+    assert w[0] == 0 and w.sum() == pytest.approx(1.0)
+
+
+def test_reward_weighted_sds_weights_draws_by_critic(tiny_guidance):
+    rgb = _images(v=4, h=32)
+    cfg = RewardWeightedConfig(num_draws=3, temperature=0.5)
+    out = reward_weighted_sds(rgb, "p", 0, tiny_guidance, BrightnessCritic(), cfg, generator=torch.Generator().manual_seed(0))
+    w, s = torch.tensor(out.reward_weights), torch.tensor(out.reward_scores)
+    assert w.sum() == pytest.approx(1.0, abs=1e-6)
+    assert torch.equal(torch.argsort(w), torch.argsort(s)) and int(w.argmax()) == int(s.argmax())
+    assert torch.allclose(w, torch.softmax(s / 0.5, 0), atol=1e-6)
+    # Recompute: same latents and t, the same three noise draws, weighted sum of their gradients.
+    gen = torch.Generator().manual_seed(0)
+    img = rgb.clone().requires_grad_(True)
+    lat = tiny_guidance.encode_images(img)
+    t = tiny_guidance.sample_timesteps(0, 4, gen)
+    grads = [tiny_guidance.guidance_from_latents(lat, ["p"] * 4, 0, gen, t=t).grad for _ in range(3)]
+    g = sum(wk * gk for wk, gk in zip(w, grads))
+    from coherendream.generation.guidance import sds_loss
+
+    (ref,) = torch.autograd.grad(sds_loss(lat, g), img)
+    assert torch.allclose(out.grad, ref, rtol=1e-4, atol=1e-7)
+    assert out.t == int(t[0])
