@@ -18,6 +18,8 @@ data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D ass
 app.add_typer(data_app, name="data")
 critic_app = typer.Typer(help="Train, merge and apply multiview critics.", no_args_is_help=True)
 app.add_typer(critic_app, name="critic")
+eval_app = typer.Typer(help="Evaluate critics and 3D assets.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
@@ -237,6 +239,58 @@ def generate_command(
         typer.echo(f"critic on the final views: P(yes) = {score['prob_yes']:.4f}, margin = {score['margin']:.4f}")
     for note in result.notes:
         typer.echo(f"note: {note}")
+
+
+def _load_critic(model: Optional[str], adapter: Optional[Path] = None, dtype: Optional[str] = None, device: Optional[str] = None):
+    from coherendream.critic.model import Critic, default_critic_path
+
+    return Critic.from_pretrained(model or default_critic_path(), adapter=adapter, dtype=dtype, device=device)
+
+
+ModelOption = Annotated[Optional[str], typer.Option(help="critic: hub id or local path (default: the embedded procedural critic)")]
+
+
+@eval_app.command("critic")
+def eval_critic(
+    dataset: Annotated[Path, typer.Option(help="a `data build` folder")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for metrics.json, scores, report.html")],
+    model: ModelOption = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
+    split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
+    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+) -> None:
+    """Accuracy, ROC-AUC, calibration (ECE, reliability diagram) and pairwise accuracy, per negative type."""
+    from coherendream.eval.critic_eval import evaluate_critic, per_type_table
+
+    try:
+        metrics = evaluate_critic(_load_critic(model, adapter), dataset, output, split=split, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    o = metrics["overall"]
+    typer.echo(f"{metrics['scored']} rows: accuracy {o['accuracy']:.3f}, ROC-AUC {o['roc_auc'] if o['roc_auc'] is None else round(o['roc_auc'], 3)}, ECE {o['ece']:.3f}")
+    for row in per_type_table(metrics):
+        typer.echo(f"  {row['negative type']:>14}: accuracy {row['accuracy']:.3f} (n={row['n']})")
+    typer.echo(f"report: {Path(output).resolve() / 'report.html'}")
+
+
+@eval_app.command("assets")
+def eval_assets(
+    manifest: Annotated[Path, typer.Option(help="CSV/JSONL with id, path, prompt (meshes, 3DGS PLYs or folders of views)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for scores, errors.jsonl, report.html")],
+    model: ModelOption = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="root of the manifest's paths (default: its folder)")] = None,
+    resolution: Annotated[int, typer.Option(help="render size of each view in pixels")] = 256,
+    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+) -> None:
+    """Render each asset with the toolkit's renderers and score it against its prompt."""
+    from coherendream.eval.assets import evaluate_assets
+
+    try:
+        summary = evaluate_assets(_load_critic(model, adapter), manifest, output, root=root, resolution=resolution, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    typer.echo(f"scored {summary['scored']} of {summary['assets']} assets ({summary['errors']} errors, see errors.jsonl); report: {Path(output).resolve() / 'report.html'}")
 
 
 def main() -> None:

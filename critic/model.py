@@ -33,6 +33,15 @@ from coherendream.prompts import QUESTION_TEMPLATE, format_question, prompt_mess
 
 DEFAULT_BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
 CRITIC_CONFIG_NAME = "critic_config.json"
+# The small critic trained on procedural scenes that ships with the package (critic/embedded/README.md).
+EMBEDDED_CRITIC = Path(__file__).resolve().parent / "embedded"
+
+
+def default_critic_path() -> Path:
+    """The embedded procedural critic: the default wherever no model is given."""
+    if not (EMBEDDED_CRITIC / "config.json").is_file():
+        raise FileNotFoundError(f"the embedded critic is missing at {EMBEDDED_CRITIC}; give a model path or hub id")
+    return EMBEDDED_CRITIC
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
 

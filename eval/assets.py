@@ -1,0 +1,177 @@
+"""``coherendream eval assets``: score 3D assets of any kind against prompts with a critic.
+
+A manifest (CSV with a header, or JSONL) lists ``id, path, prompt``; ``path`` is relative to the
+manifest's folder (or ``root``) and must stay under it. Each asset is turned into the critic's V
+orbit views with the toolkit's own renderers:
+
+* a mesh file (glTF/GLB, OBJ, PLY, STL, OFF) -> ``coherendream.data`` mesh renderer;
+* a 3D Gaussian PLY (the 3DGS layout: ``f_dc_*``, ``scale_*``, ``rot_*`` ...) -> the Gaussian
+  rasteriser of ``coherendream.generation``;
+* a folder of views -> the images as they are (V evenly spaced ones, in name order).
+
+Views are composited over white, as in the datasets. Each asset that cannot be used (missing
+file, corrupt mesh, a PLY with NaN, views of different sizes, an empty prompt) is reported with
+its reason in ``errors.jsonl`` while the rest are scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coherendream.cameras import OrbitSpec
+from coherendream.io import write_json, write_jsonl
+
+
+def is_gaussian_ply(path: str | Path) -> bool:
+    """True for a PLY whose header declares 3DGS properties (``f_dc_0`` and ``scale_0``)."""
+    with open(path, "rb") as fh:
+        header = fh.read(8192).split(b"end_header", 1)[0]
+    return b"property float f_dc_0" in header and b"property float scale_0" in header
+
+
+def render_gaussian_views(model, orbit: OrbitSpec, resolution: int, background: float = 1.0) -> list:
+    """Orbit views of a ``GaussianModel`` as RGB PIL images composited over ``background``."""
+    import torch
+    from PIL import Image
+
+    cams = orbit.cameras(resolution, rng=np.random.default_rng(0))
+    viewmats = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32)
+    Ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
+    with torch.no_grad():
+        out = model.render(viewmats, Ks, resolution, resolution, backgrounds=torch.full((len(cams), 3), float(background)))
+    rgb = (out.rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return [Image.fromarray(v) for v in rgb]
+
+
+def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) -> list:
+    """The V views of one asset as RGB PIL images; raises ``AssetError``/``ValueError`` with the reason."""
+    from PIL import Image
+
+    from coherendream.data.assets import MESH_EXTENSIONS, AssetError, load_mesh
+
+    if path.is_dir():
+        from coherendream.critic.batch import select_views
+
+        files = select_views(path, orbit.num_views)
+        images = []
+        for f in files:
+            try:
+                with Image.open(f) as im:
+                    im.load()
+                    rgba = im.convert("RGBA")
+            except (OSError, ValueError) as err:
+                raise AssetError("unreadable_image", f"{f}: cannot be read as an image ({err})") from err
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            images.append(Image.alpha_composite(white, rgba).convert("RGB"))
+        sizes = {im.size for im in images}
+        if len(sizes) != 1:
+            raise AssetError("view_size_mismatch", f"{path}: views have different sizes {sorted(sizes)}")
+        return images
+    if not path.exists():
+        raise AssetError("missing_file", f"{path}: file not found")
+    if path.suffix.lower() == ".ply" and is_gaussian_ply(path):
+        import torch
+
+        from coherendream.generation.gaussians import GaussianModel
+
+        try:
+            model = GaussianModel.from_ply(path)
+        except ValueError as err:
+            raise AssetError("corrupt", f"{path}: {err}") from err
+        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
+            raise AssetError("non_finite", f"{path}: Gaussian parameters contain NaN or inf")
+        return render_gaussian_views(model, orbit, resolution)
+    if path.suffix.lower() not in MESH_EXTENSIONS:
+        raise AssetError("unsupported_format", f"{path}: not a mesh ({', '.join(MESH_EXTENSIONS)}), a 3DGS PLY or a folder of views")
+    asset = load_mesh(path)
+    if renderer is None:
+        from coherendream.data.render import MeshRenderer
+
+        renderer = MeshRenderer(resolution)
+    rgba = renderer.render(asset, orbit.cameras(resolution, rng=np.random.default_rng(0))).rgba
+    return [Image.fromarray(v[..., :3]) for v in rgba]
+
+
+def asset_items(manifest: str | Path, root: str | Path | None = None, orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
+    """Critic items ``{id, views, prompt, path}`` (or ``{id, error, reason}``) for each manifest row."""
+    from coherendream.critic.batch import _read_table
+    from coherendream.data.assets import AssetError
+    from coherendream.data.manifest import resolve_under_root
+    from coherendream.data.render import MeshRenderer
+
+    orbit = orbit or OrbitSpec()
+    manifest = Path(manifest)
+    if not manifest.is_file():
+        raise FileNotFoundError(f"manifest {manifest}: not found")
+    base = Path(root) if root is not None else manifest.parent
+    renderer = None
+    seen = set()
+    for line, row in _read_table(manifest):
+        item_id = str(row.get("id") or row.get("uid") or "").strip() or f"{manifest.name}:{line}"
+        prompt = " ".join(str(row.get("prompt") or row.get("caption") or "").split())
+        rel = str(row.get("path") or "").strip()
+        base_item = {"id": item_id, "prompt": prompt, "path": rel}
+        if "_error" in row:
+            yield {**base_item, "reason": "invalid_row", "error": f"{manifest.name}:{line}: {row['_error']}"}
+            continue
+        if item_id in seen:
+            yield {**base_item, "reason": "duplicate_id", "error": f"{manifest.name}:{line}: id {item_id!r} appears earlier"}
+            continue
+        seen.add(item_id)
+        if not prompt:
+            yield {**base_item, "reason": "empty_prompt", "error": f"{manifest.name}:{line}: prompt is empty"}
+            continue
+        if not rel:
+            yield {**base_item, "reason": "missing_path", "error": f"{manifest.name}:{line}: no path"}
+            continue
+        try:
+            full = resolve_under_root(base, rel)
+            if renderer is None and full.suffix.lower() != ".ply" and not full.is_dir():
+                renderer = MeshRenderer(resolution)
+            views = asset_views(full, orbit, resolution, renderer)
+        except AssetError as err:
+            yield {**base_item, "reason": err.reason, "error": str(err)}
+            continue
+        except (OSError, ValueError) as err:
+            yield {**base_item, "reason": "unreadable", "error": f"{rel}: {err}"}
+            continue
+        yield {**base_item, "views": views}
+
+
+def evaluate_assets(critic: Any, manifest: str | Path, output_dir: str | Path, root: str | Path | None = None, resolution: int = 256, batch_size: int = 8, progress: bool = True) -> dict:
+    """Score every asset of ``manifest``; writes scores.{json,csv}, errors.jsonl, summary.json, report.html."""
+    from coherendream.critic.batch import score_items, split_results
+    from coherendream.eval.report import Report, image_grid_png, write_results
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    orbit = OrbitSpec(azimuths=[float(a) for a in np.linspace(0, 360, critic.config.num_views, endpoint=False)])
+    items = list(asset_items(manifest, root=root, orbit=orbit, resolution=resolution))
+    views_of = {it["id"]: it["views"] for it in items if "views" in it}
+    scored, errors = split_results(score_items(critic, items, batch_size=batch_size, progress=progress))
+    for r in scored:
+        r.pop("views", None)
+    write_results(scored, out / "scores", columns=["id", "prompt", "prob_yes", "margin", "path"])
+    write_jsonl(out / "errors.jsonl", errors)
+    summary = {
+        "assets": len(items),
+        "scored": len(scored),
+        "errors": len(errors),
+        "mean_prob_yes": float(np.mean([r["prob_yes"] for r in scored])) if scored else None,
+        "errors_by_reason": {k: sum(e.get("reason") == k for e in errors) for k in sorted({e.get("reason") for e in errors})},
+    }
+    write_json(out / "summary.json", summary)
+    report = Report(f"Asset scores: {Path(manifest).name}")
+    report.add_text(f"{summary['scored']} of {summary['assets']} assets scored; {summary['errors']} could not be used (errors.jsonl).")
+    report.add_table([{k: r[k] for k in ("id", "prompt", "prob_yes", "margin")} for r in scored])
+    for r in sorted(scored, key=lambda r: -r["prob_yes"]):
+        report.add_image(image_grid_png(views_of[r["id"]], cols=len(views_of[r["id"]])), caption=f"{r['id']}: {r['prompt']!r} -- P(yes) = {r['prob_yes']:.3f}")
+    if errors:
+        report.add_heading("Not scored")
+        report.add_table([{k: e.get(k) for k in ("id", "reason", "error")} for e in errors])
+    report.write(out / "report.html")
+    return summary

@@ -1,0 +1,95 @@
+"""``coherendream eval critic``: a critic's accuracy, AUC and calibration on a dataset split.
+
+Scores every row of a split written by ``coherendream data build`` (its ``views`` and ``caption``),
+then reports overall and per-negative-type metrics (:func:`coherendream.eval.metrics.critic_report`),
+the worst mistakes as image grids, a reliability diagram and score histograms, as
+``metrics.json``, ``scores.{json,csv}``, ``errors.jsonl`` and a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from coherendream.io import write_json, write_jsonl
+
+
+def evaluate_critic(
+    critic: Any,
+    dataset_dir: str | Path,
+    output_dir: str | Path,
+    split: str = "test",
+    batch_size: int = 8,
+    threshold: float = 0.5,
+    num_examples: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Score ``split`` of a built dataset with ``critic`` and write the evaluation.
+
+    Returns:
+        The metrics dict (also in ``metrics.json``): ``critic_report``'s fields plus
+        ``scored``, ``errors`` and ``split``.
+    """
+    from coherendream.critic.batch import items_from_dataset, score_items, split_results
+    from coherendream.eval.metrics import critic_report
+    from coherendream.eval.report import write_results
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = score_items(critic, items_from_dataset(dataset_dir, split), batch_size=batch_size, progress=progress)
+    scored, errors = split_results(results)
+    write_jsonl(out / "errors.jsonl", errors)
+    if not scored:
+        raise ValueError(f"{dataset_dir} split {split!r}: no row could be scored ({len(errors)} errors, see {out / 'errors.jsonl'})")
+    metrics = critic_report(scored, threshold=threshold)
+    metrics.update({"split": split, "dataset": str(dataset_dir), "scored": len(scored), "errors": len(errors)})
+    write_results(scored, out / "scores", columns=["id", "pair_id", "negative_type", "label", "prob_yes", "margin", "prompt"])
+    write_json(out / "metrics.json", metrics)
+    _write_report(metrics, scored, dataset_dir, split, out / "report.html", num_examples)
+    return metrics
+
+
+def per_type_table(metrics: dict) -> list[dict]:
+    """One row per negative type (and the positives) for tables and the README."""
+    rows = []
+    for name, m in sorted(metrics["per_negative_type"].items()):
+        rows.append({"negative type": name, "n": m["n"], "accuracy": m["accuracy"], "pairwise accuracy": m["pairwise_accuracy"], "ROC-AUC vs positives": m["roc_auc"]})
+    return rows
+
+
+def _write_report(metrics: dict, scored: list[dict], dataset_dir, split: str, path: Path, num_examples: int) -> None:
+    from coherendream.eval.report import Report, reliability_diagram, score_histogram
+
+    overall = metrics["overall"]
+    report = Report(f"Critic evaluation: {Path(str(dataset_dir)).name} / {split}")
+    report.add_text(f"{metrics['scored']} rows scored ({metrics['n_pos']} positives, {metrics['n_neg']} negatives), {metrics['errors']} could not be scored; threshold {metrics['threshold']}.")
+    report.add_heading("Overall")
+    report.add_table([{k: overall[k] for k in ("accuracy", "roc_auc", "ece", "brier", "pairwise_accuracy", "n_pairs")}])
+    report.add_heading("Per negative type")
+    positives = [r for r in scored if r["label"] == 1]
+    pos_acc = sum(r["prob_yes"] >= metrics["threshold"] for r in positives) / max(len(positives), 1)
+    report.add_table([{"negative type": "(positives)", "n": len(positives), "accuracy": pos_acc}, *per_type_table(metrics)])
+    report.add_image(reliability_diagram(overall["calibration"]), caption="Reliability of P(yes)")
+    groups: dict[str, list[float]] = {}
+    for r in scored:
+        groups.setdefault("positive" if r["label"] == 1 else r["negative_type"], []).append(r["prob_yes"])
+    report.add_image(score_histogram(groups, value_range=(0.0, 1.0)), caption="P(yes) by row type")
+    mistakes = sorted(scored, key=lambda r: abs(r["label"] - r["prob_yes"]), reverse=True)[:num_examples]
+    if mistakes:
+        report.add_heading("Largest mistakes")
+        grids, captions = _grids(dataset_dir, split, [m["id"] for m in mistakes])
+        for m in mistakes:
+            if m["id"] in grids:
+                kind = "positive" if m["label"] == 1 else f"negative ({m['negative_type']})"
+                report.add_image(grids[m["id"]], caption=f"{captions[m['id']]!r} -- {kind}, P(yes) = {m['prob_yes']:.3f}", width=256)
+    report.write(path)
+
+
+def _grids(dataset_dir, split: str, ids: list[str]) -> tuple[dict, dict]:
+    from coherendream.data.build import load_built_dataset
+
+    wanted = set(ids)
+    ds = load_built_dataset(dataset_dir)[split]
+    index = [i for i, row_id in enumerate(ds["id"]) if row_id in wanted]
+    rows = ds.select(index)
+    return {r["id"]: r["images"][0] for r in rows}, {r["id"]: r["caption"] for r in rows}

@@ -1,0 +1,129 @@
+"""`eval critic` and `eval assets` end to end on a tiny critic, bad inputs included."""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from PIL import Image
+from typer.testing import CliRunner
+
+from coherendream.cli import app
+from coherendream.config import from_dict
+from coherendream.critic.model import Critic
+from coherendream.critic.tiny import build_tiny_critic
+from coherendream.data.build import BuildConfig, build_dataset, load_built_dataset
+from coherendream.eval.assets import evaluate_assets
+from coherendream.eval.critic_eval import evaluate_critic
+from coherendream.generation.gaussians import GaussianModel
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_critic(tmp_path_factory.mktemp("tiny") / "critic", image_size=64, patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds") / "d"
+    build_dataset(from_dict(BuildConfig, {"output_dir": str(out), "source": {"kind": "procedural", "num_scenes": 12},
+                                          "render": {"resolution": 32}, "splits": {"test": 1.0}, "progress": False}))
+    return out
+
+
+def test_eval_critic_metrics_match_direct_scoring(tmp_path, tiny, dataset):
+    critic = Critic.from_pretrained(tiny)
+    metrics = evaluate_critic(critic, dataset, tmp_path / "ev", split="test", progress=False)
+    rows = load_built_dataset(dataset)["test"]
+    with torch.no_grad():
+        probs = critic.score(list(rows["views"]), rows["caption"]).prob_yes.numpy()
+    labels = np.array(rows["label"])
+    assert metrics["scored"] == len(rows) and metrics["errors"] == 0
+    assert metrics["overall"]["accuracy"] == pytest.approx(float(np.mean((probs >= 0.5) == labels)))
+    for name, m in metrics["per_negative_type"].items():
+        mask = np.array([t == name for t in rows["negative_type"]])
+        assert m["accuracy"] == pytest.approx(float(np.mean(probs[mask] < 0.5)))
+    html = (tmp_path / "ev" / "report.html").read_text()
+    assert "Per negative type" in html and "data:image/png;base64" in html
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["overall"]["n_pairs"] > 0
+
+
+def _gaussian_ply(path: Path, nan: bool = False) -> None:
+    g = torch.Generator().manual_seed(0)
+    pts = (torch.rand(300, 3, generator=g) - 0.5) * 0.6
+    GaussianModel.from_points(pts, torch.tensor([[0.9, 0.1, 0.1]]).expand(300, 3), scale=0.05, opacity=0.8).export_ply(path)
+    if nan:  # corrupt the first x coordinate after the header
+        data = bytearray(path.read_bytes())
+        start = data.index(b"end_header\n") + len(b"end_header\n")
+        data[start : start + 4] = struct.pack("<f", float("nan"))
+        path.write_bytes(bytes(data))
+
+
+def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
+    root = tmp_path / "assets"
+    root.mkdir()
+    trimesh.creation.box().export(root / "box.glb")
+    _gaussian_ply(root / "splats.ply")
+    _gaussian_ply(root / "nan.ply", nan=True)
+    views = root / "views"
+    views.mkdir()
+    for k in range(4):
+        Image.fromarray(np.full((40, 40, 3), 60 * k, np.uint8)).save(views / f"{k}.png")
+    odd = root / "odd"
+    odd.mkdir()
+    for k in range(4):
+        Image.fromarray(np.zeros((40 + k, 40, 3), np.uint8)).save(odd / f"{k}.png")
+    rows = [
+        ("box", "box.glb", "a white cube"),
+        ("splats", "splats.ply", "a red blob"),
+        ("views", "views", "a gray thing"),
+        ("nan", "nan.ply", "broken splats"),
+        ("odd", "odd", "views of different sizes"),
+        ("missing", "nothere.glb", "a missing mesh"),
+        ("noprompt", "box.glb", ""),
+        ("escape", "../outside.glb", "outside the root"),
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"id": i, "path": p, "prompt": t}) + "\n" for i, p, t in rows))
+    summary = evaluate_assets(Critic.from_pretrained(tiny), manifest, tmp_path / "out", resolution=32, progress=False)
+    assert summary["scored"] == 3 and summary["errors"] == 5
+    errors = {e["id"]: e["reason"] for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
+    assert errors == {"nan": "non_finite", "odd": "view_size_mismatch", "missing": "missing_file", "noprompt": "empty_prompt", "escape": "outside_root"}
+    scores = json.loads((tmp_path / "out" / "scores.json").read_text())
+    assert {s["id"] for s in scores} == {"box", "splats", "views"}
+    assert all(0.0 < s["prob_yes"] < 1.0 for s in scores)
+    assert "data:image/png;base64" in (tmp_path / "out" / "report.html").read_text()
+
+
+def test_gaussian_views_show_the_red_splats(tiny):
+    from coherendream.cameras import OrbitSpec
+    from coherendream.eval.assets import render_gaussian_views
+
+    g = torch.Generator().manual_seed(0)
+    model = GaussianModel.from_points((torch.rand(300, 3, generator=g) - 0.5) * 0.6, torch.tensor([[0.9, 0.1, 0.1]]).expand(300, 3), scale=0.05, opacity=0.8)
+    views = [np.asarray(v) for v in render_gaussian_views(model, OrbitSpec(), 48)]
+    for v in views:
+        centre = v[18:30, 18:30].reshape(-1, 3).astype(int)
+        assert (centre[:, 0] > centre[:, 1] + 80).mean() > 0.8  # red in the middle
+        assert tuple(v[0, 0]) == (255, 255, 255)  # white background
+
+
+def test_cli_eval_commands(tmp_path, tiny, dataset):
+    res = CliRunner().invoke(app, ["eval", "critic", "--dataset", str(dataset), "-o", str(tmp_path / "c"), "--model", str(tiny), "--split", "test"])
+    assert res.exit_code == 0, res.output
+    assert "accuracy" in res.output and (tmp_path / "c" / "report.html").is_file()
+    res = CliRunner().invoke(app, ["eval", "critic", "--dataset", str(dataset), "-o", str(tmp_path / "c2"), "--model", str(tiny), "--split", "nope"])
+    assert res.exit_code == 2 and "nope" in res.output
+    res = CliRunner().invoke(app, ["eval", "assets", "--manifest", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "a"), "--model", str(tiny)])
+    assert res.exit_code == 2 and "missing.csv" in res.output
