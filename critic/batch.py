@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from coherendream.data.assets import AssetError
-from coherendream.data.manifest import MAX_CAPTION_CHARS, list_view_images, resolve_under_root
+from coherendream.data.manifest import MAX_CAPTION_CHARS, list_view_images, read_table, resolve_under_root
 from coherendream.io import atomic_open, write_json
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def items_from_render_dir(
         raise FileNotFoundError(f"render folder {folder}: not found or not a folder")
     prompts: dict[str, str] = {}
     if prompts_file is not None:
-        for line_no, row in _read_table(prompts_file):
+        for line_no, row in read_table(prompts_file):
             where = f"{Path(prompts_file).name}:{line_no}"
             if "_error" in row:
                 yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
@@ -214,7 +214,7 @@ def items_from_manifest(path: str | Path, root: str | Path | None = None, num_vi
     if not root_dir.is_dir():
         raise FileNotFoundError(f"manifest root {root_dir}: not found or not a folder")
     seen: set[str] = set()
-    for line_no, row in _read_table(path):
+    for line_no, row in read_table(path):
         where = f"{path.name}:{line_no}"
         if "_error" in row:
             yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
@@ -331,45 +331,6 @@ def items_from_input(
     if kind == "render_dir":
         return items_from_render_dir(path, num_views=num_views, prompts_file=prompts_file)
     raise ValueError(f"unknown input kind {kind!r}; known: dataset, manifest, render_dir")
-
-
-def _read_table(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Rows of a CSV/TSV (with header) or JSONL file as ``(line number, dict)``.
-
-    A JSONL line that is not a JSON object yields ``{"_error": why}`` (one bad row is an item
-    error); a file that is missing, not UTF-8, of an unknown type or a CSV without a usable header
-    raises, since then no row can be trusted.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    suffix = path.suffix.lower()
-    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
-        raise ValueError(f"{path}: expected .csv, .tsv or .jsonl, got {suffix or 'no extension'}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: cannot be read as UTF-8 text ({err})") from err
-    if suffix in (".jsonl", ".ndjson"):
-        for i, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield i, {"_error": f"not valid JSON ({err.msg})"}
-                continue
-            yield i, row if isinstance(row, dict) else {"_error": "line is not a JSON object"}
-        return
-    lines = list(csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
-    if not lines:
-        return
-    header = [h.strip().lower() for h in lines[0]]
-    if not any(k in header for k in _ID_KEYS):
-        raise ValueError(f"{path}: the header must name an id column ('id' or 'uid'), got {lines[0]}")
-    for i, values in enumerate(lines[1:], start=2):
-        if values:
-            yield i, dict(zip(header, values))
 
 
 def _first(row: Mapping, keys: Sequence[str]) -> str:

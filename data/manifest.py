@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -72,7 +73,8 @@ def read_manifest(path: str | Path, root: str | Path | None = None, path_pattern
     root_dir = Path(root) if root is not None else path.parent
     if not root_dir.is_dir():
         raise FileNotFoundError(f"manifest root {root_dir}: not a folder")
-    rows = list(_manifest_rows(path, path_pattern))
+    hint = "; a headerless uid,caption file (Cap3D) needs path_pattern, e.g. '{uid}.glb'"
+    rows = list(read_table(path, key_columns=("uid",), headerless=("uid", "caption") if path_pattern else None, hint=hint))
     refs, rejected, seen = [], [], set()
     for line_no, row in rows:
         uid = str(row.get("uid") or "").strip()
@@ -110,12 +112,25 @@ def read_manifest(path: str | Path, root: str | Path | None = None, path_pattern
     return refs, rejected
 
 
-def _manifest_rows(path: Path, path_pattern: str | None):
+def read_table(path: str | Path, key_columns: tuple[str, ...] = ("uid", "id"), headerless: tuple[str, str] | None = None, hint: str = ""):
+    """Rows of a CSV/TSV file with a header, or of a JSONL file, as ``(line number, dict)``.
+
+    A JSONL line that is not a JSON object yields ``{"_error": why}``: one bad row is that row's
+    problem. A CSV whose header names none of ``key_columns`` is read as headerless rows of the two
+    ``headerless`` columns (the second takes the rest of the line, commas included: Cap3D's
+    ``uid,caption``) or, without ``headerless``, raises ``ValueError`` (ending with ``hint``),
+    since then no row can be trusted. Header names are lower-cased.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
     suffix = path.suffix.lower()
+    if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
+        raise ValueError(f"{path}: expected .csv, .tsv or .jsonl, got {suffix or 'no extension'}")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"manifest {path}: cannot be read as UTF-8 text ({err})") from err
+        raise ValueError(f"{path}: cannot be read as UTF-8 text ({err})") from err
     if suffix in (".jsonl", ".ndjson"):
         for i, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -127,24 +142,21 @@ def _manifest_rows(path: Path, path_pattern: str | None):
                 continue
             yield i, row if isinstance(row, dict) else {"_error": "line is not a JSON object"}
         return
-    if suffix not in (".csv", ".tsv"):
-        raise ValueError(f"manifest {path}: expected .csv, .tsv or .jsonl, got {suffix or 'no extension'}")
-    reader = csv.reader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-    lines = list(reader)
+    lines = list(csv.reader(io.StringIO(text), delimiter="\t" if suffix == ".tsv" else ","))
     if not lines:
         return
     header = [h.strip().lower() for h in lines[0]]
-    if "uid" in header and "caption" in header:
+    if any(k in header for k in key_columns):
         for i, values in enumerate(lines[1:], start=2):
             if values:
                 yield i, dict(zip(header, values))
         return
-    # Cap3D layout: no header, uid then caption (captions may contain commas: rejoin the rest)
-    if path_pattern is None:
-        raise ValueError(f"manifest {path}: no header with uid/caption columns; a headerless uid,caption file (Cap3D) needs path_pattern, e.g. '{{uid}}.glb'")
+    if headerless is None:
+        raise ValueError(f"{path}: the header must name an id column ({' or '.join(map(repr, key_columns))}), got {lines[0]}{hint}")
+    first, rest = headerless
     for i, values in enumerate(lines, start=1):
         if values:
-            yield i, {"uid": values[0], "caption": ",".join(values[1:])}
+            yield i, {first: values[0], rest: ",".join(values[1:])}
 
 
 def scan_mesh_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:

@@ -98,9 +98,8 @@ def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) ->
 
 def asset_items(manifest: str | Path, root: str | Path | None = None, orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
     """Critic items ``{id, views, prompt, path}`` (or ``{id, error, reason}``) for each manifest row."""
-    from coherendream.critic.batch import _read_table
     from coherendream.data.assets import AssetError
-    from coherendream.data.manifest import resolve_under_root
+    from coherendream.data.manifest import read_table, resolve_under_root
     from coherendream.data.render import MeshRenderer
 
     orbit = orbit or OrbitSpec()
@@ -110,7 +109,7 @@ def asset_items(manifest: str | Path, root: str | Path | None = None, orbit: Orb
     base = Path(root) if root is not None else manifest.parent
     renderer = None
     seen = set()
-    for line, row in _read_table(manifest):
+    for line, row in read_table(manifest):
         item_id = str(row.get("id") or row.get("uid") or "").strip() or f"{manifest.name}:{line}"
         prompt = " ".join(str(row.get("prompt") or row.get("caption") or "").split())
         rel = str(row.get("path") or "").strip()
