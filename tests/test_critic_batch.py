@@ -31,15 +31,6 @@ from coherendream.io import read_jsonl
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices on a shared CPU: one intra-op thread is fastest and does not thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def critic(tmp_path_factory):
     # Wider init than 0.02 so scores differ visibly between items (a swapped result would show).

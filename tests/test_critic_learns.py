@@ -6,7 +6,6 @@ the caption-to-image binding appears (see ../shared/field-notes.md). It takes ab
 on 2 CPU cores.
 """
 
-import pytest
 import torch
 
 from coherendream.config import from_dict
@@ -14,14 +13,6 @@ from coherendream.critic.model import Critic
 from coherendream.critic.tiny import build_tiny_critic
 from coherendream.critic.train import CriticTrainConfig, train_critic
 from coherendream.data.build import BuildConfig, build_dataset, load_built_dataset
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_tiny_critic_learns_colour_negatives(tmp_path):

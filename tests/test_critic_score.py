@@ -16,15 +16,6 @@ PROMPTS = ["one torus", "two blue spheres to the left of a green cone", "a red c
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids thread thrashing on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     # A wider weight init than the default 0.02, so scores depend visibly on image and caption.

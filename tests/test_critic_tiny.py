@@ -21,15 +21,6 @@ from coherendream.prompts import (
 CAPTION = "two red cubes to the left of a blue sphere"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is fastest, and avoids thread thrashing on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return build_tiny_critic(tmp_path_factory.mktemp("tiny") / "critic", seed=0)

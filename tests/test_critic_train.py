@@ -19,15 +19,6 @@ from coherendream.critic.train import CriticTrainConfig, merge_adapter, train_cr
 from coherendream.data.build import BuildConfig, build_dataset, load_built_dataset
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the 2-core CI machine runs one test at a time; more threads only add overhead at this size
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("ds") / "procedural"

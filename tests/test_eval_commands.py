@@ -21,14 +21,6 @@ from coherendream.eval.critic_eval import evaluate_critic
 from coherendream.generation.gaussians import GaussianModel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return build_tiny_critic(tmp_path_factory.mktemp("tiny") / "critic", image_size=64, patch_size=8)

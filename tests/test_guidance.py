@@ -24,16 +24,6 @@ from coherendream.generation.guidance import (
 from coherendream.generation.tiny_prior import TINY_PRIOR_RESOLUTION, build_tiny_prior
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # The networks are tiny: one thread is fastest, and OpenMP spinning on a loaded shared CI box
-    # made some passes ~50x slower with 2 threads. Restored afterwards for the other test files.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test."""
