@@ -99,10 +99,16 @@ class LayoutSettings:
 
 @dataclass
 class GaussianInit:
-    """Initial Gaussians: isotropic std ``scale`` (world units; None = 3DGS's 3-NN rule), one opacity."""
+    """Initial Gaussians: isotropic std ``scale`` (world units; None = 3DGS's 3-NN rule), one opacity.
+
+    ``colors``: ``"prompt"`` seeds each box with the colour word of its object's prompt (grey when
+    there is none); ``"gray"`` starts every Gaussian grey, so that colours come from the guidance
+    alone (the ablation that shows what the critic's feedback contributes).
+    """
 
     scale: float | None = 0.02
     opacity: float = 0.1
+    colors: Literal["prompt", "gray"] = "prompt"
 
 
 @dataclass
@@ -468,7 +474,10 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     points, object_ids = sample_points_in_layout(
         layout, config.num_gaussians, generator, min_per_object=config.layout.min_points_per_object, shape=config.layout.point_shape
     )
-    colors = colors_from_prompts(layout)[object_ids]
+    if config.init.colors == "prompt":
+        colors = colors_from_prompts(layout)[object_ids]
+    else:
+        colors = torch.full((len(points), 3), 0.5)
     model = GaussianModel.from_points(points, colors, scale=config.init.scale, opacity=config.init.opacity, object_ids=object_ids).to(device)
     optimizer = build_optimizer(model, config.lr)
     start, skipped = 0, []

@@ -26,14 +26,6 @@ CPU_PRESET = REPO / "configs" / "generate" / "cpu_tiny.yaml"
 FAST = ["resolution=32", "num_gaussians=800", "progress=false", "outputs.turntable_frames=3", "device=cpu", "backend=torch"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def critic_dir(tmp_path_factory):
     return build_tiny_critic(tmp_path_factory.mktemp("critic") / "tiny", seed=0)

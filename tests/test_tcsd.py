@@ -25,14 +25,6 @@ from coherendream.generation.tcsd import (
 from coherendream.generation.tiny_prior import build_tiny_prior
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @dataclass
 class Out:
     margin: torch.Tensor
