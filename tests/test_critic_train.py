@@ -124,7 +124,8 @@ def test_dpo_mode_fits_answer_preferences(tmp_path, tiny, dataset):
     history = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
     assert history[0]["loss"] > 0.6  # near -log sigmoid(0): policy == reference at the start
     assert history[-1]["loss"] < 0.3
-    assert history[-1]["rewards/accuracies"] == 1.0
+    assert history[-1]["rewards/accuracies"] >= 0.75  # most of the 8 preferences are fitted
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 1.0
 
 
 def test_resume_after_kill_continues_step_and_optimizer(tmp_path, tiny, dataset):
