@@ -1,0 +1,689 @@
+"""TIFA-style evaluation: yes/no questions per prompt, answered by an MLLM on the renders.
+
+Questions (:class:`Question`: ``question``, expected ``answer`` "yes"/"no", ``element``,
+``element_type`` in :data:`ELEMENT_TYPES`, ``exact``, ``source``) come from a generator:
+
+* :class:`RuleQuestionGenerator` (offline, deterministic):
+
+  - a **procedural** prompt (``coherendream.data.procedural.parse_caption`` parses it, e.g. "a red
+    cube to the left of a blue sphere") gets exact questions: per group its object ("Is there a
+    cube?"), colour ("Is the cube red?"; "Is there a red cube?" when both groups share a shape),
+    count ("Is there exactly one cube?" / "Are there two cubes?", counting every group of that
+    shape) and the relation ("Is the red cube to the left of the blue sphere?"), all expected "yes";
+    plus **contrast** questions expected "no" that are exact for these scenes, which hold only the
+    caption's objects: a shape absent from the scene, a palette colour no group of that shape has,
+    the count plus one, and the opposite relation (left/right, in front/behind, on top of/under;
+    none for "next to", which has no exact opposite);
+  - **free text** gets questions from the project's word lists (``coherendream.data.negatives``):
+    object nouns ("Is there a dog?" / "Are there dogs?"), colour words bound to the next known noun
+    within three words ("Is the car red?", else "Is something red?"), numbers before a noun ("Are
+    there three apples?") and relation phrases between two known nouns ("Is the cat on top of the
+    table?"), all expected "yes" and marked ``exact=False`` (a word list is not a parser); no
+    contrast questions, since a "no" is not certain for free text. A prompt where nothing is found
+    gets one question about the whole prompt (type ``other``).
+
+* :class:`OpenAIQuestionGenerator` (OpenAI-compatible endpoint via the ``openai`` client,
+  ``base_url`` for a local vLLM server) and :class:`TransformersQuestionGenerator` (a local chat
+  model) ask for JSON ``{"questions": [{"question", "answer", "element", "element_type"}]}``. The
+  answer is untrusted: :func:`parse_llm_questions` rejects non-JSON, a wrong schema, no or more than
+  ``max_questions`` questions, empty or over-long text, answers other than yes/no; the request is
+  retried with the error fed back up to ``max_attempts`` times, then the rules answer (recorded in
+  :class:`QuestionSet` as ``source="fallback"`` with the errors) -- the same pattern as
+  ``coherendream.generation.layout_llm``.
+
+Answering: each question is asked of an MLLM on the prompt's V views with the question itself as
+the template (:func:`question_scorer`: a :class:`Critic` with ``question_template="{text}"``); the
+answer is "yes" when P(yes) >= ``threshold`` (0.5). Scores (:func:`tifa_scores`): per prompt the
+accuracy (correct answers / questions), the mean over prompts (TIFA's score), and per element type
+the accuracy over all questions of that type (micro average) with its count.
+
+CLI (wired in ``coherendream.cli``): ``coherendream eval tifa PROMPT_FILE --outputs-dir DIR
+--output-dir DIR [--critic PATH] [--adapter PATH] [--questions rules|openai|transformers]
+[--llm-model NAME] [--base-url URL] [--api-key-env OPENAI_API_KEY] [--max-questions 12]
+[--max-attempts 2] [--threshold 0.5] [--resolution 256] [--batch-size 8]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coherendream.io import write_json, write_jsonl
+
+logger = logging.getLogger(__name__)
+
+ELEMENT_TYPES = ("object", "colour", "count", "spatial", "other")
+_TYPE_ALIASES = {"color": "colour", "colors": "colour", "colours": "colour", "counting": "count", "number": "count",
+                 "quantity": "count", "relation": "spatial", "spatial relation": "spatial", "location": "spatial",
+                 "objects": "object", "entity": "object"}
+MAX_QUESTION_CHARS = 300
+DEFAULT_MAX_QUESTIONS = 12
+
+__all__ = [
+    "ELEMENT_TYPES",
+    "OpenAIQuestionGenerator",
+    "Question",
+    "QuestionError",
+    "QuestionSet",
+    "RuleQuestionGenerator",
+    "TransformersQuestionGenerator",
+    "answer_questions",
+    "parse_llm_questions",
+    "question_scorer",
+    "rule_questions",
+    "run_tifa",
+    "tifa_scores",
+]
+
+
+class QuestionError(ValueError):
+    """An LLM answer that is not a valid question list; the message says why."""
+
+
+@dataclass
+class Question:
+    """One yes/no question about a prompt. ``answer`` is the expected answer, "yes" or "no"."""
+
+    question: str
+    answer: str
+    element: str
+    element_type: str
+    exact: bool = True
+    source: str = "rules"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class QuestionSet:
+    """Questions of one prompt and how they were obtained (``source``: rules | llm | fallback)."""
+
+    prompt: str
+    questions: list[Question]
+    source: str
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+    raw_answers: list[str] = field(default_factory=list)
+
+
+# =========================================================================== rules
+
+
+_NUMBER_WORD = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight", 9: "nine", 10: "ten"}
+_WORD_NUMBER = {w: n for n, w in _NUMBER_WORD.items()}
+# Exact opposites of the procedural relations (phrase of the opposite); "next to" has none.
+_OPPOSITE = {"left_of": "to the right of", "right_of": "to the left of", "in_front_of": "behind",
+             "behind": "in front of", "on_top_of": "under"}
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _procedural_questions(cap: Any, contrast: bool) -> list[Question]:
+    from coherendream.data.procedural import PALETTE, RELATIONS, SHAPES
+
+    groups = list(cap.groups)
+    qs: list[Question] = []
+    shapes_in = [g.shape for g in groups]
+    shared = len(set(shapes_in)) < len(shapes_in)
+    # Objects: one question per distinct shape.
+    for shape in dict.fromkeys(shapes_in):
+        qs.append(Question(f"Is there {_article(shape)} {shape}?", "yes", shape, "object"))
+    # Colours: per group; with two groups of one shape "the cube" is ambiguous, so ask existence.
+    for g in groups:
+        noun = g.shape if g.count == 1 else SHAPES[g.shape]
+        if shared:
+            q = f"Is there {_article(g.color)} {g.color} {g.shape}?" if g.count == 1 else f"Are there {g.color} {noun}?"
+        else:
+            q = f"Is the {noun} {g.color}?" if g.count == 1 else f"Are the {noun} {g.color}?"
+        qs.append(Question(q, "yes", f"{g.color} {noun}", "colour"))
+    # Counts: total of each shape over the groups (two groups of one shape add up).
+    totals: dict[str, int] = {}
+    for g in groups:
+        totals[g.shape] = totals.get(g.shape, 0) + g.count
+    for shape, n in totals.items():
+        q = f"Is there exactly one {shape}?" if n == 1 else f"Are there {_NUMBER_WORD[n]} {SHAPES[shape]}?"
+        qs.append(Question(q, "yes", f"{n} {shape}", "count"))
+    subj = obj = None
+    if cap.relation is not None:
+        a, b = groups
+        subj = f"the {a.color} {a.shape if a.count == 1 else SHAPES[a.shape]}"
+        obj = f"the {b.color} {b.shape if b.count == 1 else SHAPES[b.shape]}"
+        verb = "Is" if a.count == 1 else "Are"
+        qs.append(Question(f"{verb} {subj} {RELATIONS[cap.relation]} {obj}?", "yes", cap.relation, "spatial"))
+    if not contrast:
+        return qs
+    # Contrast questions, exact because a procedural scene holds only the caption's objects.
+    absent = [s for s in SHAPES if s not in totals]
+    if absent:
+        s = absent[0]
+        qs.append(Question(f"Is there {_article(s)} {s}?", "no", s, "object"))
+    asked: set[tuple[str, str]] = set()  # (shape, wrong colour) already asked: no duplicate question
+    for g in groups:
+        taken = {h.color for h in groups if h.shape == g.shape} | {c for s, c in asked if s == g.shape}
+        palette = list(PALETTE)
+        start = palette.index(g.color) if g.color in palette else 0
+        wrong = next((c for c in palette[start + 1:] + palette[:start] if c not in taken), None)
+        if wrong is None:
+            continue
+        asked.add((g.shape, wrong))
+        noun = g.shape if g.count == 1 else SHAPES[g.shape]
+        if shared:
+            q = f"Is there {_article(wrong)} {wrong} {g.shape}?" if g.count == 1 else f"Are there {wrong} {noun}?"
+        else:
+            q = f"Is the {noun} {wrong}?" if g.count == 1 else f"Are the {noun} {wrong}?"
+        qs.append(Question(q, "no", f"{wrong} {noun}", "colour"))
+    for shape, n in totals.items():
+        qs.append(Question(f"Are there {_NUMBER_WORD[n + 1]} {SHAPES[shape]}?", "no", f"{n + 1} {shape}", "count"))
+    if cap.relation in _OPPOSITE:
+        verb = "Is" if groups[0].count == 1 else "Are"
+        qs.append(Question(f"{verb} {subj} {_OPPOSITE[cap.relation]} {obj}?", "no", f"not {cap.relation}", "spatial"))
+    return qs
+
+
+def _free_text_questions(prompt: str) -> list[Question]:
+    from coherendream.data.negatives import (
+        _COLOR_FAMILY,
+        _NOUN_CATEGORY,
+        _PLURAL_TO_SINGULAR,
+        _plural,
+    )
+
+    words = [(m.group().lower(), m.start()) for m in re.finditer(r"[A-Za-z]+|\d+", prompt)]
+    lower = [w for w, _ in words]
+
+    def noun_at(i: int) -> tuple[str, bool] | None:
+        """(singular, is_plural) when word i is a known object noun."""
+        w = lower[i]
+        if w in _COLOR_FAMILY:
+            return None
+        singular = _PLURAL_TO_SINGULAR.get(w, w)
+        if singular in _NOUN_CATEGORY:
+            return singular, singular != w
+        return None
+
+    def next_noun(i: int, within: int = 3) -> tuple[int, str, bool] | None:
+        for j in range(i + 1, min(len(lower), i + 1 + within)):
+            hit = noun_at(j)
+            if hit:
+                return j, *hit
+        return None
+
+    qs: list[Question] = []
+    seen: set[str] = set()
+
+    def add(q: Question) -> None:
+        if q.question.lower() not in seen:
+            seen.add(q.question.lower())
+            qs.append(q)
+
+    nouns = [(i, *noun_at(i)) for i in range(len(lower)) if noun_at(i)]
+    for _, singular, plural in nouns:
+        q = f"Are there {_plural(singular)}?" if plural else f"Is there {_article(singular)} {singular}?"
+        add(Question(q, "yes", singular, "object", exact=False))
+    for i, w in enumerate(lower):
+        if w in _COLOR_FAMILY:
+            hit = next_noun(i)
+            if hit:
+                _, singular, plural = hit
+                q = f"Are the {_plural(singular)} {w}?" if plural else f"Is the {singular} {w}?"
+                add(Question(q, "yes", f"{w} {singular}", "colour", exact=False))
+            else:
+                add(Question(f"Is something {w}?", "yes", w, "colour", exact=False))
+        n = _WORD_NUMBER.get(w) or (int(w) if w.isdigit() and 1 < int(w) < 100 else None)
+        if n and n > 1:
+            hit = next_noun(i)
+            if hit:
+                _, singular, _p = hit
+                add(Question(f"Are there {_NUMBER_WORD.get(n, str(n))} {_plural(singular)}?", "yes", f"{n} {singular}", "count", exact=False))
+    # Relations: a phrase from the negatives' relation list between two known nouns.
+    from coherendream.data.negatives import _RELATION_RE
+
+    for m in _RELATION_RE.finditer(prompt):
+        phrase = m.group().lower()
+        if phrase in ("on", "in"):
+            continue  # too often part of a verb phrase ("turned on", "dressed in")
+        before = [t for t in nouns if words[t[0]][1] < m.start()]
+        after = [t for t in nouns if words[t[0]][1] >= m.end()]
+        if before and after:
+            (_, a, ap), (_, b, bp) = before[-1], after[0]
+            sa, sb = (_plural(a) if ap else a), (_plural(b) if bp else b)
+            add(Question(f"{'Are' if ap else 'Is'} the {sa} {phrase} the {sb}?", "yes", phrase, "spatial", exact=False))
+    if not qs:
+        add(Question(f'Does this show "{" ".join(prompt.split())}"?', "yes", prompt, "other", exact=False))
+    return qs
+
+
+def rule_questions(prompt: str, contrast: bool = True, max_questions: int | None = None) -> list[Question]:
+    """Rule-based questions of one prompt (module docstring); exact for procedural prompts.
+
+    Args:
+        prompt: the text prompt.
+        contrast: add the expected-"no" contrast questions (procedural prompts only).
+        max_questions: keep at most this many (the "yes" questions come first).
+    """
+    from coherendream.data.procedural import parse_caption
+
+    text = " ".join(str(prompt).split())
+    if not text:
+        raise ValueError("empty prompt: no questions can be asked about it")
+    cap = parse_caption(text)
+    qs = _procedural_questions(cap, contrast) if cap is not None else _free_text_questions(text)
+    return qs[:max_questions] if max_questions else qs
+
+
+class RuleQuestionGenerator:
+    """Offline generator: :func:`rule_questions`."""
+
+    def __init__(self, contrast: bool = True, max_questions: int | None = None) -> None:
+        self.contrast = contrast
+        self.max_questions = max_questions
+
+    def generate(self, prompt: str) -> QuestionSet:
+        return QuestionSet(prompt, rule_questions(prompt, self.contrast, self.max_questions), "rules")
+
+
+# =========================================================================== LLM backends
+
+SYSTEM_PROMPT = """You write yes/no questions that check whether an image matches a text prompt (TIFA style).
+Answer with ONE JSON object and nothing else:
+{"questions": [{"question": str, "answer": "yes" | "no", "element": str, "element_type": str}]}
+Rules:
+- One question per fact of the prompt: each object, its colour or other attributes, counts, spatial relations.
+- "answer" is the answer that an image exactly matching the prompt gives.
+- You may add a few questions whose answer is "no" when the prompt makes the answer certain
+  (e.g. a colour the prompt's object does not have).
+- element_type is one of: object, colour, count, spatial, other.
+- At most {max_questions} questions; each question is one short sentence ending with "?".
+
+Example. Prompt: two green apples on a wooden table
+Answer: {"questions": [{"question": "Are there apples?", "answer": "yes", "element": "apple", "element_type": "object"},
+{"question": "Are the apples green?", "answer": "yes", "element": "green apple", "element_type": "colour"},
+{"question": "Are there two apples?", "answer": "yes", "element": "2 apple", "element_type": "count"},
+{"question": "Are the apples on the table?", "answer": "yes", "element": "on", "element_type": "spatial"},
+{"question": "Are the apples red?", "answer": "no", "element": "red apple", "element_type": "colour"}]}"""
+
+
+def _extract_json(text: str) -> Any:
+    """The JSON object in an LLM answer (a ```json fence or text around it tolerated)."""
+    s = str(text).strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", s, re.DOTALL)
+    if fence:
+        s = fence.group(1).strip()
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError:
+        start, end = s.find("{"), s.rfind("}")
+        if start >= 0 and end > start:
+            try:
+                return json.loads(s[start : end + 1])
+            except json.JSONDecodeError as err:
+                raise QuestionError(f"not valid JSON ({err.msg} at char {err.pos})") from err
+        raise QuestionError("no JSON object in the answer") from None
+
+
+def parse_llm_questions(text: str, max_questions: int = DEFAULT_MAX_QUESTIONS) -> list[Question]:
+    """Validate an LLM's question list; raises :class:`QuestionError` saying what is wrong.
+
+    Accepted: an object with ``questions`` (or a bare list), 1..``max_questions`` entries, each with
+    a non-empty ``question`` of at most 300 characters and ``answer`` "yes"/"no" (any case);
+    ``element`` optional (defaults to the question), ``element_type`` mapped to :data:`ELEMENT_TYPES`
+    (common synonyms such as "color", "relation" understood; anything else becomes "other").
+    Duplicate questions are an error (a model looping on one question).
+    """
+    data = _extract_json(text)
+    if isinstance(data, Mapping):
+        if "questions" not in data:
+            raise QuestionError(f'the JSON object has no "questions" key (keys: {sorted(data)[:10]})')
+        data = data["questions"]
+    if not isinstance(data, list):
+        raise QuestionError(f'"questions" must be a list, got {type(data).__name__}')
+    if not data:
+        raise QuestionError("the question list is empty")
+    if len(data) > max_questions:
+        raise QuestionError(f"{len(data)} questions, more than the maximum {max_questions}")
+    out: list[Question] = []
+    seen: set[str] = set()
+    for i, item in enumerate(data):
+        if not isinstance(item, Mapping):
+            raise QuestionError(f"questions[{i}] must be an object, got {type(item).__name__}")
+        q = item.get("question")
+        if not isinstance(q, str) or not q.strip():
+            raise QuestionError(f"questions[{i}]: question text is missing or empty")
+        q = " ".join(q.split())
+        if len(q) > MAX_QUESTION_CHARS:
+            raise QuestionError(f"questions[{i}]: question is {len(q)} characters, more than {MAX_QUESTION_CHARS}")
+        if q.lower() in seen:
+            raise QuestionError(f"questions[{i}]: repeats the question {q!r}")
+        seen.add(q.lower())
+        ans = item.get("answer")
+        ans = ans.strip().lower().rstrip(".") if isinstance(ans, str) else ans
+        if ans not in ("yes", "no"):
+            raise QuestionError(f"questions[{i}]: answer must be \"yes\" or \"no\", got {item.get('answer')!r}")
+        etype = str(item.get("element_type") or "other").strip().lower()
+        etype = _TYPE_ALIASES.get(etype, etype)
+        if etype not in ELEMENT_TYPES:
+            etype = "other"
+        element = item.get("element")
+        element = " ".join(str(element).split()) if element not in (None, "") else q
+        out.append(Question(q, ans, element[:MAX_QUESTION_CHARS], etype, exact=False, source="llm"))
+    return out
+
+
+def build_messages(prompt: str, max_questions: int) -> list[dict[str, str]]:
+    """System instructions, then the prompt as the user turn."""
+    prompt = " ".join(str(prompt).split())
+    if not prompt:
+        raise ValueError("empty prompt: no questions can be asked about it")
+    return [
+        {"role": "system", "content": SYSTEM_PROMPT.replace("{max_questions}", str(max_questions))},
+        {"role": "user", "content": f"Prompt: {prompt}\nAnswer with the JSON object only."},
+    ]
+
+
+class _RetryingGenerator:
+    """Ask, validate, retry with the error fed back, then fall back; subclasses implement ``_complete``."""
+
+    def __init__(self, *, max_questions: int = DEFAULT_MAX_QUESTIONS, max_attempts: int = 2, fallback: Any = None) -> None:
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        if max_questions < 1:
+            raise ValueError(f"max_questions must be >= 1, got {max_questions}")
+        self.max_questions = max_questions
+        self.max_attempts = max_attempts
+        self.fallback = fallback if fallback is not None else RuleQuestionGenerator(max_questions=max_questions)
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        raise NotImplementedError
+
+    def generate(self, prompt: str) -> QuestionSet:
+        messages = build_messages(prompt, self.max_questions)
+        errors: list[str] = []
+        answers: list[str] = []
+        for attempt in range(1, self.max_attempts + 1):
+            try:
+                answer = self._complete(messages)
+            except Exception as e:  # noqa: BLE001 -- a failed request is one failed attempt, not a crash of the run
+                errors.append(f"attempt {attempt}: request failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            answers.append(answer)
+            try:
+                qs = parse_llm_questions(answer, self.max_questions)
+            except QuestionError as e:
+                errors.append(f"attempt {attempt}: {e}")
+                messages = messages + [
+                    {"role": "assistant", "content": answer[:4000]},
+                    {"role": "user", "content": f"That answer is invalid: {str(e)[:1000]}\nAnswer again with a corrected JSON object only."},
+                ]
+                continue
+            return QuestionSet(prompt, qs, "llm", attempt, errors, answers)
+        logger.warning("question generation for %r fell back to the rules: %s", prompt[:80], errors[-1] if errors else "?")
+        result = self.fallback.generate(prompt)
+        return QuestionSet(prompt, result.questions, "fallback", self.max_attempts, errors, answers)
+
+
+class OpenAIQuestionGenerator(_RetryingGenerator):
+    """Questions from an OpenAI-compatible chat endpoint (``base_url`` for vLLM and the like).
+
+    ``api_key`` defaults to ``$api_key_env``; a custom ``base_url`` without a key gets ``"EMPTY"``.
+    ``timeout``/``max_retries`` are the HTTP client's; ``max_attempts`` counts invalid answers.
+    """
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
+                 api_key_env: str = "OPENAI_API_KEY", timeout: float = 60.0, max_retries: int = 2,
+                 temperature: float = 0.0, max_tokens: int = 1024, json_mode: bool = False, client: Any = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not model:
+            raise ValueError("model must name the served model (e.g. the name vLLM was started with)")
+        self.model, self.temperature, self.max_tokens, self.json_mode = model, temperature, max_tokens, json_mode
+        if client is None:
+            from openai import OpenAI
+
+            key = api_key or os.environ.get(api_key_env)
+            if not key:
+                if base_url is None:
+                    raise ValueError(f"no API key: pass api_key or set ${api_key_env} (or point base_url at a local server)")
+                key = "EMPTY"
+            client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self.client = client
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
+        resp = self.client.chat.completions.create(model=self.model, messages=messages, temperature=self.temperature,
+                                                   max_tokens=self.max_tokens, **extra)
+        if not resp.choices:
+            raise QuestionError("the endpoint returned no choices")
+        content = resp.choices[0].message.content
+        if not isinstance(content, str):
+            raise QuestionError("the endpoint returned no text content")
+        return content
+
+
+class TransformersQuestionGenerator(_RetryingGenerator):
+    """Questions from a local ``transformers`` chat model, decoded greedily (loaded on first use)."""
+
+    def __init__(self, model_name_or_path: str | None = None, *, model: Any = None, tokenizer: Any = None,
+                 device: str = "cpu", torch_dtype: Any = "auto", trust_remote_code: bool = False,
+                 max_new_tokens: int = 768, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither (and a model_name_or_path)")
+        if model is None and not model_name_or_path:
+            raise ValueError("pass model_name_or_path or a model and tokenizer")
+        self.model_name_or_path = model_name_or_path
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.torch_dtype, self.trust_remote_code = device, torch_dtype, trust_remote_code
+        self.max_new_tokens = max_new_tokens
+
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, dtype=self.torch_dtype,
+                                                          trust_remote_code=self.trust_remote_code).to(self.device)
+        self.model.eval()
+
+    def _complete(self, messages: list[dict[str, str]]) -> str:
+        import torch
+
+        self._load()
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise QuestionError(f"tokenizer of {self.model_name_or_path or type(self.model).__name__} has no chat template")
+        try:
+            enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception:  # noqa: BLE001 -- retried below in the other form
+            # Templates without a system role (Gemma's): fold the instructions into the user turn.
+            folded = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}, *messages[2:]]
+            enc = tok.apply_chat_template(folded, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+# =========================================================================== answering and scoring
+
+
+def question_scorer(critic: Any) -> Any:
+    """A :class:`Critic` on the same model that asks each question as it is (template ``"{text}"``).
+
+    The model and processor are shared, not copied.
+    """
+    from coherendream.critic.model import Critic
+
+    return Critic(critic.model, critic.processor, dataclasses.replace(critic.config, question_template="{text}"))
+
+
+def answer_questions(scorer: Any, items: Sequence[Mapping[str, Any]], batch_size: int = 8, threshold: float = 0.5) -> list[dict]:
+    """Ask every question of every item; one row per question.
+
+    Args:
+        scorer: ``score(views, prompts) -> .prob_yes`` with ``config.num_views``; the "prompt" it is
+            given is the question itself (:func:`question_scorer`).
+        items: ``{"id", "prompt", "views": V images, "questions": [Question]}``.
+        threshold: "yes" when P(yes) >= threshold.
+
+    Returns:
+        Rows ``{"id", "prompt", "question", "expected", "element", "element_type", "exact", "source",
+        "prob_yes", "predicted", "correct"}``, or with ``"error"``/``"reason"`` for a question that
+        could not be scored.
+    """
+    from coherendream.critic.batch import score_items
+
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    flat = []
+    for item in items:
+        for k, q in enumerate(item["questions"]):
+            flat.append({"id": f"{item['id']}#q{k}", "views": item["views"], "prompt": q.question,
+                         "_item": item["id"], "_prompt": item["prompt"], "_q": q})
+    results = score_items(scorer, flat, batch_size=batch_size, progress=False)
+    rows = []
+    for r in results:
+        q: Question = r["_q"]
+        row = {"id": r["_item"], "prompt": r["_prompt"], "question": q.question, "expected": q.answer,
+               "element": q.element, "element_type": q.element_type, "exact": q.exact, "source": q.source}
+        if r.get("error"):
+            row.update(reason=r.get("reason"), error=r["error"])
+        else:
+            p = float(r["prob_yes"])
+            predicted = "yes" if p >= threshold else "no"
+            row.update(prob_yes=p, predicted=predicted, correct=predicted == q.answer)
+        rows.append(row)
+    return rows
+
+
+def tifa_scores(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Accuracy per prompt, its mean over prompts (the TIFA score) and per element type.
+
+    Rows without ``correct`` (errors) are left out. Returns ``{"tifa", "prompts": [{"id", "prompt",
+    "questions", "correct", "accuracy"}], "by_type": {type: {"questions", "accuracy"}}, "questions",
+    "accuracy_yes", "accuracy_no"}`` (``accuracy_no`` over the expected-"no" questions: how well the
+    answers reject contrast facts; None when there are none).
+    """
+    per: dict[str, dict] = {}
+    by_type: dict[str, list[bool]] = {}
+    by_answer: dict[str, list[bool]] = {"yes": [], "no": []}
+    for r in rows:
+        if "correct" not in r:
+            continue
+        p = per.setdefault(r["id"], {"id": r["id"], "prompt": r.get("prompt"), "questions": 0, "correct": 0})
+        p["questions"] += 1
+        p["correct"] += int(bool(r["correct"]))
+        by_type.setdefault(r["element_type"], []).append(bool(r["correct"]))
+        by_answer.setdefault(r["expected"], []).append(bool(r["correct"]))
+    prompts = []
+    for p in per.values():
+        prompts.append({**p, "accuracy": p["correct"] / p["questions"]})
+    return {
+        "tifa": float(np.mean([p["accuracy"] for p in prompts])) if prompts else None,
+        "questions": sum(p["questions"] for p in prompts),
+        "prompts": prompts,
+        "by_type": {t: {"questions": len(v), "accuracy": float(np.mean(v))} for t, v in sorted(by_type.items())},
+        "accuracy_yes": float(np.mean(by_answer["yes"])) if by_answer["yes"] else None,
+        "accuracy_no": float(np.mean(by_answer["no"])) if by_answer["no"] else None,
+    }
+
+
+def run_tifa(
+    prompts: Sequence[str] | str | Path,
+    outputs_dir: str | Path,
+    output_dir: str | Path,
+    scorer: Any,
+    generator: Any = None,
+    threshold: float = 0.5,
+    resolution: int = 256,
+    batch_size: int = 8,
+    elevation: float = 15.0,
+    distance: float = 2.5,
+    fov_y: float = 40.0,
+) -> dict[str, Any]:
+    """TIFA on existing outputs: questions, answers on V orbit views, scores, files.
+
+    Args:
+        prompts: a prompt file (one per line) or a list of prompts; slugs as in
+            :func:`coherendream.eval.t3bench.prompt_slugs`.
+        outputs_dir: ``<slug>/gaussians.ply`` or views per prompt (see ``t3bench.resolve_output``;
+            with a prompt file, ``<outputs_dir>/<file stem>/<slug>`` is tried first).
+        output_dir: gets ``questions.jsonl`` (every question set, with its source and errors),
+            ``answers.jsonl``, ``scores.{json,csv}`` (per prompt), ``summary.json``, ``errors.jsonl``.
+        scorer: a question scorer (:func:`question_scorer` of a Critic, or anything alike).
+        generator: ``generate(prompt) -> QuestionSet``; default :class:`RuleQuestionGenerator`.
+        threshold: P(yes) threshold of a "yes".
+        resolution, elevation, distance, fov_y: the V orbit views (azimuths evenly spaced from 0,
+            V = ``scorer.config.num_views``) rendered for a PLY; a view folder is used as it is.
+    """
+    from coherendream.eval.report import write_results
+    from coherendream.eval.t3bench import (
+        EvalItemError,
+        group_images,
+        load_asset_views,
+        prompt_slugs,
+        read_prompt_file,
+        resolve_output,
+    )
+
+    from coherendream.cameras import Camera
+
+    set_name = None
+    if isinstance(prompts, (str, Path)):
+        set_name = Path(prompts).stem
+        prompts = read_prompt_file(prompts)
+    prompts = [" ".join(str(p).split()) for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty prompts")
+    generator = generator or RuleQuestionGenerator()
+    v = int(scorer.config.num_views)
+    cams = [Camera.orbit(360.0 * i / v, elevation, distance, fov_y, resolution) for i in range(v)]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    items, errors, qsets = [], [], []
+    for prompt, slug in zip(prompts, prompt_slugs(prompts)):
+        qset = generator.generate(prompt)
+        qsets.append({"id": slug, "prompt": prompt, "source": qset.source, "attempts": qset.attempts,
+                      "errors": qset.errors, "questions": [q.to_dict() for q in qset.questions]})
+        try:
+            views, rendered = load_asset_views(resolve_output(outputs_dir, slug, set_name), cams, resolution)
+            if not rendered:
+                views = [views[i] for i in group_images(len(views), v)[0]]
+        except EvalItemError as err:
+            errors.append({"id": slug, "prompt": prompt, "reason": err.reason, "error": str(err)})
+            continue
+        except ValueError as err:
+            errors.append({"id": slug, "prompt": prompt, "reason": "invalid_views", "error": f"{slug}: {err}"})
+            continue
+        items.append({"id": slug, "prompt": prompt, "views": views, "questions": qset.questions})
+    rows = answer_questions(scorer, items, batch_size=batch_size, threshold=threshold) if items else []
+    errors += [{"id": r["id"], "prompt": r["prompt"], "question": r["question"], "reason": r["reason"], "error": r["error"]}
+               for r in rows if "error" in r]
+    scores = tifa_scores(rows)
+    write_jsonl(out / "questions.jsonl", qsets)
+    write_jsonl(out / "answers.jsonl", rows)
+    write_jsonl(out / "errors.jsonl", errors)
+    write_results(scores["prompts"], out / "scores", columns=["id", "prompt", "questions", "correct", "accuracy"])
+    summary = {"prompts": len(prompts), "scored": len(scores["prompts"]), "errors": len(errors), "tifa": scores["tifa"],
+               "questions": scores["questions"], "by_type": scores["by_type"], "accuracy_yes": scores["accuracy_yes"],
+               "accuracy_no": scores["accuracy_no"], "threshold": threshold,
+               "question_sources": {s: sum(q["source"] == s for q in qsets) for s in ("rules", "llm", "fallback")},
+               "seconds": round(time.perf_counter() - t0, 3)}
+    write_json(out / "summary.json", summary)
+    return summary
