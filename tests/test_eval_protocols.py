@@ -442,3 +442,38 @@ def test_judge_side_by_side_plumbing_and_refusal(tmp_path, tiny_critic):
     img = judge_mod.side_by_side_image([Image.new("RGB", (16, 16), (255, 0, 0))] * 4, [Image.new("RGB", (16, 16), (0, 0, 255))] * 4)
     arr = np.asarray(img)
     assert img.size[0] == 32 + 8 + 32 and arr[-1, 0, 0] == 255 and arr[-1, -1, 2] == 255 and arr[-1, -1, 0] == 0
+
+
+def test_transformers_question_backend_with_fake_model():
+    class FakeTokenizer:
+        chat_template = "fake"
+        pad_token_id = 0
+        eos_token_id = 1
+
+        def __init__(self, answers):
+            self.answers, self.calls = list(answers), 0
+
+        def apply_chat_template(self, messages, **kw):
+            self.messages = messages
+            return {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+
+        def decode(self, ids, skip_special_tokens=True):
+            assert ids.tolist() == [9]  # only the new tokens are decoded
+            self.calls += 1
+            return self.answers[min(self.calls, len(self.answers)) - 1]
+
+    class FakeModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id):
+            assert do_sample is False  # greedy
+            return torch.cat([input_ids, torch.tensor([[9]])], dim=1)
+
+    tok = FakeTokenizer([VALID])
+    qset = tifa.TransformersQuestionGenerator(model=FakeModel(), tokenizer=tok, max_questions=5).generate(PROCEDURAL)
+    assert qset.source == "llm" and len(qset.questions) == 3 and tok.messages[0]["role"] == "system"
+    tok = FakeTokenizer(['{"questions": "nope"}'])
+    qset = tifa.TransformersQuestionGenerator(model=FakeModel(), tokenizer=tok, max_attempts=2).generate(PROCEDURAL)
+    assert qset.source == "fallback" and tok.calls == 2 and "must be a list" in qset.errors[0]
