@@ -293,6 +293,99 @@ def eval_assets(
     typer.echo(f"scored {summary['scored']} of {summary['assets']} assets ({summary['errors']} errors, see errors.jsonl); report: {Path(output).resolve() / 'report.html'}")
 
 
+AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")]
+
+
+def _summary_line(summary: dict, output: Path) -> None:
+    keys = [k for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:8]
+    typer.echo(", ".join(f"{k}: {summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}: {summary[k]}" for k in keys))
+    typer.echo(f"results in {Path(output).resolve()}")
+
+
+@eval_app.command("t3bench")
+def eval_t3bench(
+    prompt_files: Annotated[list[Path], typer.Argument(help="T3Bench-style prompt files, one prompt a line (e.g. ../shared/bench/t3bench/prompt_multi.txt)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")],
+    outputs_dir: Annotated[Optional[Path], typer.Option(help="existing generations: <dir>/<set>/<slug>/ or <dir>/<slug>/ with gaussians.ply or views")] = None,
+    generate_config: Annotated[Optional[Path], typer.Option(help="generate each prompt with this `generate` YAML instead")] = None,
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    vqa_model: Annotated[Optional[str], typer.Option(help="any LLaVA-family model for VQAScore-style P(yes) as a second alignment score")] = None,
+    level: Annotated[int, typer.Option(help="icosphere subdivision of the camera set (1: 42 views, 2: 162 as T3Bench)")] = 1,
+    resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
+    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+) -> None:
+    """T3Bench-style protocol: alignment (critic, optional VQAScore) and a quality proxy, one table per prompt set."""
+    from coherendream.config import load_config
+    from coherendream.eval.t3bench import make_vqa_scorer, run_t3bench
+    from coherendream.generation.runner import GenerateConfig
+
+    try:
+        critic = _load_critic(model, adapter)
+        vqa = make_vqa_scorer(vqa_model, num_views=critic.config.num_views) if vqa_model else None
+        gen = load_config(GenerateConfig, generate_config) if generate_config else None
+        summary = run_t3bench(prompt_files, output, critic, vqa_scorer=vqa, outputs_dir=outputs_dir, generate_config=gen, level=level, resolution=resolution, batch_size=batch_size)
+    except (ValueError, FileNotFoundError, ConfigError) as err:
+        _fail(str(err))
+    _summary_line(summary, output)
+
+
+@eval_app.command("tifa")
+def eval_tifa(
+    prompt_file: Annotated[Path, typer.Argument(help="prompts, one a line")],
+    outputs_dir: Annotated[Path, typer.Option(help="generations: <dir>/<slug>/ with gaussians.ply or views")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")],
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    questions: Annotated[str, typer.Option(help="question generator: rules, openai (any OpenAI-compatible endpoint) or transformers")] = "rules",
+    llm_model: Annotated[Optional[str], typer.Option(help="LLM for openai/transformers question generation")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint, e.g. a local vLLM server")] = None,
+    resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
+    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+) -> None:
+    """TIFA-style protocol: yes/no questions from each prompt, answered by an MLLM on the renders."""
+    from coherendream.eval.tifa import OpenAIQuestionGenerator, RuleQuestionGenerator, TransformersQuestionGenerator, question_scorer, run_tifa
+
+    try:
+        if questions == "rules":
+            generator = RuleQuestionGenerator()
+        elif questions in ("openai", "transformers") and llm_model:
+            generator = OpenAIQuestionGenerator(llm_model, base_url=base_url) if questions == "openai" else TransformersQuestionGenerator(llm_model)
+        else:
+            raise ValueError(f"--questions {questions}: use rules, or openai/transformers with --llm-model")
+        summary = run_tifa(prompt_file, outputs_dir, output, question_scorer(_load_critic(model, adapter)), generator=generator, resolution=resolution, batch_size=batch_size)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    _summary_line(summary, output)
+
+
+@eval_app.command("judge")
+def eval_judge(
+    prompt_file: Annotated[Path, typer.Argument(help="prompts, one a line")],
+    method: Annotated[list[str], typer.Option(help="NAME=DIR, once per method (<DIR>/<slug>/ with gaussians.ply or views)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")],
+    model: ModelOption = None,
+    adapter: AdapterOption = None,
+    mode: Annotated[str, typer.Option(help="single (compare P(yes) of each grid) or side_by_side (ask A or B)")] = "single",
+    anchor: Annotated[Optional[str], typer.Option(help="method fixed at Elo 1000 (default: the first)")] = None,
+    tie_margin: Annotated[float, typer.Option(help="|P_a - P_b| below this is a tie")] = 0.02,
+    resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
+) -> None:
+    """Pairwise MLLM judging of methods' renders per prompt, with maximum-likelihood Elo."""
+    from coherendream.eval.judge import judge_methods, side_by_side_scorer
+
+    try:
+        pairs = dict(m.split("=", 1) for m in method if "=" in m)
+        if len(pairs) != len(method) or len(pairs) < 2:
+            raise ValueError("give at least two --method NAME=DIR with distinct names")
+        critic = _load_critic(model, adapter)
+        scorer = side_by_side_scorer(critic) if mode == "side_by_side" else critic
+        summary = judge_methods(pairs, prompt_file, output, scorer, mode=mode, tie_margin=tie_margin, anchor=anchor, resolution=resolution)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    _summary_line(summary, output)
+
+
 @app.command("demo")
 def demo(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="extra `generate` overrides, key=value", show_default=False)] = None,

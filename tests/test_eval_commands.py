@@ -119,3 +119,34 @@ def test_cli_eval_commands(tmp_path, tiny, dataset):
     assert res.exit_code == 2 and "nope" in res.output
     res = CliRunner().invoke(app, ["eval", "assets", "--manifest", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "a"), "--model", str(tiny)])
     assert res.exit_code == 2 and "missing.csv" in res.output
+
+
+def test_cli_protocol_commands(tmp_path, tiny):
+    from coherendream.eval.t3bench import prompt_slugs
+
+    prompts = ["a red cube", "a blue sphere"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    for method in ("ours", "baseline"):
+        for slug in prompt_slugs(prompts):
+            (tmp_path / method / slug).mkdir(parents=True)
+            _gaussian_ply(tmp_path / method / slug / "gaussians.ply")
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "t3bench", str(tmp_path / "prompts.txt"), "-o", str(tmp_path / "t3"), "--outputs-dir", str(tmp_path / "ours"),
+                              "--model", str(tiny), "--resolution", "32"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "t3" / "prompts" / "results.json").is_file()
+    res = runner.invoke(app, ["eval", "tifa", str(tmp_path / "prompts.txt"), "--outputs-dir", str(tmp_path / "ours"), "-o", str(tmp_path / "tifa"),
+                              "--model", str(tiny), "--resolution", "32"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "tifa" / "answers.jsonl").is_file()
+    res = runner.invoke(app, ["eval", "judge", str(tmp_path / "prompts.txt"), "--method", f"ours={tmp_path / 'ours'}", "--method", f"baseline={tmp_path / 'baseline'}",
+                              "-o", str(tmp_path / "judge"), "--model", str(tiny), "--resolution", "32"])
+    assert res.exit_code == 0, res.output
+    ratings = json.loads((tmp_path / "judge" / "ratings.json").read_text())
+    # both methods rendered the same assets: every comparison is a tie, so both sit at the anchor's 1000
+    assert ratings["anchor"] == "ours" and ratings["ratings"] == {"ours": 1000.0, "baseline": 1000.0}
+    res = runner.invoke(app, ["eval", "judge", str(tmp_path / "prompts.txt"), "--method", f"ours={tmp_path / 'ours'}", "-o", str(tmp_path / "j2"), "--model", str(tiny)])
+    assert res.exit_code == 2 and "two --method" in res.output
+    (tmp_path / "empty.txt").write_text("\n")
+    res = runner.invoke(app, ["eval", "t3bench", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "t3e"), "--outputs-dir", str(tmp_path / "ours"), "--model", str(tiny)])
+    assert res.exit_code == 2 and "empty.txt" in res.output
