@@ -131,7 +131,7 @@ _COLOR_FAMILIES = [
     ["gray", "grey", "silver"],
 ]
 _COLOR_REPLACEMENTS = ["red", "orange", "yellow", "green", "blue", "cyan", "purple", "pink", "brown", "black", "white", "gray"]
-_COLOR_FAMILY = {w: i for i, fam in enumerate(_COLOR_FAMILIES) for w in fam}
+COLOR_FAMILY = {w: i for i, fam in enumerate(_COLOR_FAMILIES) for w in fam}
 
 # Object nouns by category, singular: a replacement is drawn from the same category first, which
 # keeps the negative hard ("a dog" -> "a cat", not "a dog" -> "a castle").
@@ -147,10 +147,10 @@ _OBJECT_CATEGORIES = {
     "figure": "robot astronaut knight wizard soldier pirate man woman boy girl child person chef doctor",
 }
 _IRREGULAR_PLURALS = {"mouse": "mice", "sheep": "sheep", "fish": "fish", "deer": "deer", "man": "men", "woman": "women", "child": "children", "person": "people", "knife": "knives", "leaf": "leaves", "shelf": "shelves", "wolf": "wolves", "goose": "geese", "cactus": "cacti"}
-_NOUN_CATEGORY = {w: cat for cat, words in _OBJECT_CATEGORIES.items() for w in words.split()}
+NOUN_CATEGORY = {w: cat for cat, words in _OBJECT_CATEGORIES.items() for w in words.split()}
 
 
-def _plural(noun: str) -> str:
+def plural(noun: str) -> str:
     if noun in _IRREGULAR_PLURALS:
         return _IRREGULAR_PLURALS[noun]
     if noun.endswith(("s", "x", "ch", "sh")):
@@ -160,7 +160,7 @@ def _plural(noun: str) -> str:
     return noun + "s"
 
 
-_PLURAL_TO_SINGULAR = {_plural(w): w for w in _NOUN_CATEGORY}
+PLURAL_TO_SINGULAR = {plural(w): w for w in NOUN_CATEGORY}
 
 _NUMBERS = ["two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
@@ -187,7 +187,7 @@ _RELATION_REPLACEMENTS = {
     "on": "under",
     "in": "next to",
 }
-_RELATION_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _RELATION_REPLACEMENTS), key=len, reverse=True)) + r")\b", re.IGNORECASE)
+RELATION_RE = re.compile(r"\b(" + "|".join(sorted(map(re.escape, _RELATION_REPLACEMENTS), key=len, reverse=True)) + r")\b", re.IGNORECASE)
 _WORD_RE = re.compile(r"[A-Za-z]+")
 
 
@@ -196,21 +196,21 @@ def text_negative(caption: str, kind: str, rng: np.random.Generator) -> Negative
     edits: list[tuple[int, int, str, str]] = []  # (start, end, original, replacement)
     if kind == "color":
         for m in _WORD_RE.finditer(caption):
-            fam = _COLOR_FAMILY.get(m.group().lower())
+            fam = COLOR_FAMILY.get(m.group().lower())
             if fam is not None:
-                choices = [c for c in _COLOR_REPLACEMENTS if _COLOR_FAMILY[c] != fam]
+                choices = [c for c in _COLOR_REPLACEMENTS if COLOR_FAMILY[c] != fam]
                 edits.append((m.start(), m.end(), m.group(), _match_case(m.group(), str(rng.choice(choices)))))
     elif kind == "object":
         for m in _WORD_RE.finditer(caption):
             word = m.group().lower()
-            singular = _PLURAL_TO_SINGULAR.get(word, word)
-            cat = _NOUN_CATEGORY.get(singular)
-            if cat is None or word in _COLOR_FAMILY:
+            singular = PLURAL_TO_SINGULAR.get(word, word)
+            cat = NOUN_CATEGORY.get(singular)
+            if cat is None or word in COLOR_FAMILY:
                 continue
             pool = [w for w in _OBJECT_CATEGORIES[cat].split() if w != singular]
             new = str(rng.choice(pool))
             if word != singular:
-                new = _plural(new)
+                new = plural(new)
             edits.append((m.start(), m.end(), m.group(), _match_case(m.group(), new)))
     elif kind == "count":
         for m in re.finditer(r"\b(" + "|".join(_NUMBERS) + r"|[2-9]|1[0-9])\b", caption, re.IGNORECASE):
@@ -221,7 +221,7 @@ def text_negative(caption: str, kind: str, rng: np.random.Generator) -> Negative
                 choices = [n for n in _NUMBERS if n != word]
             edits.append((m.start(), m.end(), m.group(), _match_case(m.group(), str(rng.choice(choices)))))
     elif kind == "relation":
-        for m in _RELATION_RE.finditer(caption):
+        for m in RELATION_RE.finditer(caption):
             edits.append((m.start(), m.end(), m.group(), _match_case(m.group(), _RELATION_REPLACEMENTS[m.group().lower()])))
     elif kind == "relation_swap":
         return _relation_swap(caption)
@@ -239,7 +239,7 @@ def _relation_swap(caption: str) -> Negative | None:
     body = caption.strip()
     end_punct = body[-1] if body and body[-1] in ".!" else ""
     body = body.rstrip(".!").strip()
-    for m in _RELATION_RE.finditer(body):
+    for m in RELATION_RE.finditer(body):
         if m.group().lower() in ("on", "in"):
             continue  # too often part of a verb phrase ("turned on", "dressed in")
         left, right = body[: m.start()].strip(), body[m.end() :].strip()

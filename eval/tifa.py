@@ -195,10 +195,10 @@ def _procedural_questions(cap: Any, contrast: bool) -> list[Question]:
 
 def _free_text_questions(prompt: str) -> list[Question]:
     from coherendream.data.negatives import (
-        _COLOR_FAMILY,
-        _NOUN_CATEGORY,
-        _PLURAL_TO_SINGULAR,
-        _plural,
+        COLOR_FAMILY,
+        NOUN_CATEGORY,
+        PLURAL_TO_SINGULAR,
+        plural,
     )
 
     words = [(m.group().lower(), m.start()) for m in re.finditer(r"[A-Za-z]+|\d+", prompt)]
@@ -207,10 +207,10 @@ def _free_text_questions(prompt: str) -> list[Question]:
     def noun_at(i: int) -> tuple[str, bool] | None:
         """(singular, is_plural) when word i is a known object noun."""
         w = lower[i]
-        if w in _COLOR_FAMILY:
+        if w in COLOR_FAMILY:
             return None
-        singular = _PLURAL_TO_SINGULAR.get(w, w)
-        if singular in _NOUN_CATEGORY:
+        singular = PLURAL_TO_SINGULAR.get(w, w)
+        if singular in NOUN_CATEGORY:
             return singular, singular != w
         return None
 
@@ -230,15 +230,15 @@ def _free_text_questions(prompt: str) -> list[Question]:
             qs.append(q)
 
     nouns = [(i, *noun_at(i)) for i in range(len(lower)) if noun_at(i)]
-    for _, singular, plural in nouns:
-        q = f"Are there {_plural(singular)}?" if plural else f"Is there {_article(singular)} {singular}?"
+    for _, singular, is_plural in nouns:
+        q = f"Are there {plural(singular)}?" if is_plural else f"Is there {_article(singular)} {singular}?"
         add(Question(q, "yes", singular, "object", exact=False))
     for i, w in enumerate(lower):
-        if w in _COLOR_FAMILY:
+        if w in COLOR_FAMILY:
             hit = next_noun(i)
             if hit:
                 _, singular, plural = hit
-                q = f"Are the {_plural(singular)} {w}?" if plural else f"Is the {singular} {w}?"
+                q = f"Are the {plural(singular)} {w}?" if plural else f"Is the {singular} {w}?"
                 add(Question(q, "yes", f"{w} {singular}", "colour", exact=False))
             else:
                 add(Question(f"Is something {w}?", "yes", w, "colour", exact=False))
@@ -247,11 +247,11 @@ def _free_text_questions(prompt: str) -> list[Question]:
             hit = next_noun(i)
             if hit:
                 _, singular, _p = hit
-                add(Question(f"Are there {_NUMBER_WORD.get(n, str(n))} {_plural(singular)}?", "yes", f"{n} {singular}", "count", exact=False))
+                add(Question(f"Are there {_NUMBER_WORD.get(n, str(n))} {plural(singular)}?", "yes", f"{n} {singular}", "count", exact=False))
     # Relations: a phrase from the negatives' relation list between two known nouns.
-    from coherendream.data.negatives import _RELATION_RE
+    from coherendream.data.negatives import RELATION_RE
 
-    for m in _RELATION_RE.finditer(prompt):
+    for m in RELATION_RE.finditer(prompt):
         phrase = m.group().lower()
         if phrase in ("on", "in"):
             continue  # too often part of a verb phrase ("turned on", "dressed in")
@@ -259,7 +259,7 @@ def _free_text_questions(prompt: str) -> list[Question]:
         after = [t for t in nouns if words[t[0]][1] >= m.end()]
         if before and after:
             (_, a, ap), (_, b, bp) = before[-1], after[0]
-            sa, sb = (_plural(a) if ap else a), (_plural(b) if bp else b)
+            sa, sb = (plural(a) if ap else a), (plural(b) if bp else b)
             add(Question(f"{'Are' if ap else 'Is'} the {sa} {phrase} the {sb}?", "yes", phrase, "spatial", exact=False))
     if not qs:
         add(Question(f'Does this show "{" ".join(prompt.split())}"?', "yes", prompt, "other", exact=False))
