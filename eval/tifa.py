@@ -237,8 +237,8 @@ def _free_text_questions(prompt: str) -> list[Question]:
         if w in COLOR_FAMILY:
             hit = next_noun(i)
             if hit:
-                _, singular, plural = hit
-                q = f"Are the {plural(singular)} {w}?" if plural else f"Is the {singular} {w}?"
+                _, singular, is_plural = hit
+                q = f"Are the {plural(singular)} {w}?" if is_plural else f"Is the {singular} {w}?"
                 add(Question(q, "yes", f"{w} {singular}", "colour", exact=False))
             else:
                 add(Question(f"Is something {w}?", "yes", w, "colour", exact=False))
