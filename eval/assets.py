@@ -33,46 +33,45 @@ def is_gaussian_ply(path: str | Path) -> bool:
     return b"property float f_dc_0" in header and b"property float scale_0" in header
 
 
-def render_gaussian_views(model, orbit: OrbitSpec, resolution: int, background: float = 1.0) -> list:
-    """Orbit views of a ``GaussianModel`` as RGB PIL images composited over ``background``."""
+def render_gaussians(model, cameras: list, resolution: int, chunk: int = 8) -> list:
+    """A ``GaussianModel`` rendered at ``cameras``: RGB PIL images over white, ``resolution`` square."""
     import torch
     from PIL import Image
 
-    cams = orbit.cameras(resolution, rng=np.random.default_rng(0))
-    viewmats = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32)
-    Ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
+    images = []
     with torch.no_grad():
-        out = model.render(viewmats, Ks, resolution, resolution, backgrounds=torch.full((len(cams), 3), float(background)))
-    rgb = (out.rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(v) for v in rgb]
+        for i in range(0, len(cameras), chunk):  # bounded memory for large camera sets
+            part = cameras[i : i + chunk]
+            viewmats = torch.tensor(np.stack([c.viewmat for c in part]), dtype=torch.float32)
+            Ks = torch.tensor(np.stack([c.K for c in part]), dtype=torch.float32)
+            out = model.render(viewmats, Ks, resolution, resolution, backgrounds=torch.ones(len(part), 3))
+            rgb = (out.rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            images += [Image.fromarray(v) for v in rgb]
+    return images
 
 
-def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) -> list:
-    """The V views of one asset as RGB PIL images; raises ``AssetError``/``ValueError`` with the reason."""
+def render_gaussian_views(model, orbit: OrbitSpec, resolution: int) -> list:
+    """Orbit views of a ``GaussianModel`` as RGB PIL images over white."""
+    return render_gaussians(model, orbit.cameras(resolution, rng=np.random.default_rng(0)), resolution)
+
+
+def render_asset(path: str | Path, cameras: list, resolution: int, renderer=None) -> list:
+    """A 3DGS PLY or a mesh file rendered at ``cameras`` (resized to ``resolution``) as RGB PIL images.
+
+    Raises:
+        AssetError: ``missing_file``, ``corrupt``, ``non_finite``, ``unsupported_format`` or a
+            mesh loader's reason.
+    """
+    import dataclasses
+
     from PIL import Image
 
     from coherendream.data.assets import MESH_EXTENSIONS, AssetError, load_mesh
 
-    if path.is_dir():
-        from coherendream.critic.batch import select_views
-
-        files = select_views(path, orbit.num_views)
-        images = []
-        for f in files:
-            try:
-                with Image.open(f) as im:
-                    im.load()
-                    rgba = im.convert("RGBA")
-            except (OSError, ValueError) as err:
-                raise AssetError("unreadable_image", f"{f}: cannot be read as an image ({err})") from err
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            images.append(Image.alpha_composite(white, rgba).convert("RGB"))
-        sizes = {im.size for im in images}
-        if len(sizes) != 1:
-            raise AssetError("view_size_mismatch", f"{path}: views have different sizes {sorted(sizes)}")
-        return images
-    if not path.exists():
+    path = Path(path)
+    if not path.is_file():
         raise AssetError("missing_file", f"{path}: file not found")
+    cams = [dataclasses.replace(c, width=int(resolution), height=int(resolution)) for c in cameras]
     if path.suffix.lower() == ".ply" and is_gaussian_ply(path):
         import torch
 
@@ -80,11 +79,11 @@ def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) ->
 
         try:
             model = GaussianModel.from_ply(path)
-        except ValueError as err:
+        except (ValueError, OSError) as err:
             raise AssetError("corrupt", f"{path}: {err}") from err
         if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
             raise AssetError("non_finite", f"{path}: Gaussian parameters contain NaN or inf")
-        return render_gaussian_views(model, orbit, resolution)
+        return render_gaussians(model, cams, resolution)
     if path.suffix.lower() not in MESH_EXTENSIONS:
         raise AssetError("unsupported_format", f"{path}: not a mesh ({', '.join(MESH_EXTENSIONS)}), a 3DGS PLY or a folder of views")
     asset = load_mesh(path)
@@ -92,8 +91,33 @@ def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) ->
         from coherendream.data.render import MeshRenderer
 
         renderer = MeshRenderer(resolution)
-    rgba = renderer.render(asset, orbit.cameras(resolution, rng=np.random.default_rng(0))).rgba
-    return [Image.fromarray(v[..., :3]) for v in rgba]
+    return [Image.fromarray(v[..., :3]) for v in renderer.render(asset, cams).rgba]
+
+
+def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) -> list:
+    """The V views of one asset as RGB PIL images; raises ``AssetError`` with the reason."""
+    from PIL import Image
+
+    from coherendream.data.assets import AssetError
+
+    if not path.is_dir():
+        return render_asset(path, orbit.cameras(resolution, rng=np.random.default_rng(0)), resolution, renderer)
+    from coherendream.critic.batch import select_views
+
+    images = []
+    for f in select_views(path, orbit.num_views):
+        try:
+            with Image.open(f) as im:
+                im.load()
+                rgba = im.convert("RGBA")
+        except (OSError, ValueError) as err:
+            raise AssetError("unreadable_image", f"{f}: cannot be read as an image ({err})") from err
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        images.append(Image.alpha_composite(white, rgba).convert("RGB"))
+    sizes = {im.size for im in images}
+    if len(sizes) != 1:
+        raise AssetError("view_size_mismatch", f"{path}: views have different sizes {sorted(sizes)}")
+    return images
 
 
 def asset_items(manifest: str | Path, root: str | Path | None = None, orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:

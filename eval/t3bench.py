@@ -257,52 +257,19 @@ def _view_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and p.stem.lower() != "grid")
 
 
-def render_cameras(path: Path, cameras: Sequence[Camera], resolution: int, chunk: int = 8, renderer: Any = None) -> list:
+def render_cameras(path: Path, cameras: Sequence[Camera], resolution: int, renderer: Any = None) -> list:
     """Render a 3DGS PLY or a mesh at ``cameras``: RGB PIL images over white, ``resolution`` square.
 
     Raises:
         EvalItemError: ``missing_file``, ``corrupt``, ``non_finite``, ``unsupported_format``.
     """
-    import torch
-    from coherendream.data.assets import MESH_EXTENSIONS, AssetError, load_mesh
-    from coherendream.eval.assets import is_gaussian_ply
-    from PIL import Image
+    from coherendream.data.assets import AssetError
+    from coherendream.eval.assets import render_asset
 
-    path = Path(path)
-    if not path.is_file():
-        raise EvalItemError("missing_file", f"{path}: file not found")
-    cams = [dataclasses.replace(c, width=int(resolution), height=int(resolution)) for c in cameras]
-    if path.suffix.lower() == ".ply" and is_gaussian_ply(path):
-        from coherendream.generation.gaussians import GaussianModel
-
-        try:
-            model = GaussianModel.from_ply(path)
-        except (ValueError, OSError) as err:
-            raise EvalItemError("corrupt", f"{path}: {err}") from err
-        if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
-            raise EvalItemError("non_finite", f"{path}: Gaussian parameters contain NaN or inf")
-        images = []
-        with torch.no_grad():
-            for i in range(0, len(cams), chunk):
-                part = cams[i : i + chunk]
-                vm = torch.tensor(np.stack([c.viewmat for c in part]), dtype=torch.float32)
-                ks = torch.tensor(np.stack([c.K for c in part]), dtype=torch.float32)
-                out = model.render(vm, ks, resolution, resolution, backgrounds=torch.ones(len(part), 3))
-                rgb = (out.rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-                images += [Image.fromarray(v) for v in rgb]
-        return images
-    if path.suffix.lower() not in MESH_EXTENSIONS:
-        raise EvalItemError("unsupported_format", f"{path}: not a mesh ({', '.join(MESH_EXTENSIONS)}) or a 3DGS PLY")
     try:
-        asset = load_mesh(path)
-        if renderer is None:
-            from coherendream.data.render import MeshRenderer
-
-            renderer = MeshRenderer(resolution)
-        rgba = renderer.render(asset, cams).rgba
+        return render_asset(path, list(cameras), resolution, renderer)
     except AssetError as err:
         raise EvalItemError(err.reason, str(err)) from err
-    return [Image.fromarray(v[..., :3]) for v in rgba]
 
 
 def load_asset_views(asset: Path, cameras: Sequence[Camera], resolution: int) -> tuple[list, bool]:
