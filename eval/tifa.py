@@ -48,7 +48,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -59,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.io import write_json, write_jsonl
+from coherendream.llm import OpenAIChat, TransformersChat
 
 logger = logging.getLogger(__name__)
 
@@ -435,10 +435,9 @@ class _RetryingGenerator:
 
 
 class OpenAIQuestionGenerator(_RetryingGenerator):
-    """Questions from an OpenAI-compatible chat endpoint (``base_url`` for vLLM and the like).
+    """Questions from an OpenAI-compatible chat endpoint (OpenAI, or a local vLLM server via ``base_url``).
 
-    ``api_key`` defaults to ``$api_key_env``; a custom ``base_url`` without a key gets ``"EMPTY"``.
-    ``timeout``/``max_retries`` are the HTTP client's; ``max_attempts`` counts invalid answers.
+    Endpoint arguments are :class:`coherendream.llm.OpenAIChat`'s; ``max_attempts`` counts invalid answers.
     """
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
@@ -446,77 +445,25 @@ class OpenAIQuestionGenerator(_RetryingGenerator):
                  temperature: float = 0.0, max_tokens: int = 1024, json_mode: bool = False, client: Any = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if not model:
-            raise ValueError("model must name the served model (e.g. the name vLLM was started with)")
-        self.model, self.temperature, self.max_tokens, self.json_mode = model, temperature, max_tokens, json_mode
-        if client is None:
-            from openai import OpenAI
-
-            key = api_key or os.environ.get(api_key_env)
-            if not key:
-                if base_url is None:
-                    raise ValueError(f"no API key: pass api_key or set ${api_key_env} (or point base_url at a local server)")
-                key = "EMPTY"
-            client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
-        self.client = client
+        self.chat = OpenAIChat(model, base_url=base_url, api_key=api_key, api_key_env=api_key_env, timeout=timeout,
+                               max_retries=max_retries, temperature=temperature, max_tokens=max_tokens, json_mode=json_mode, client=client)
 
     def _complete(self, messages: list[dict[str, str]]) -> str:
-        extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
-        resp = self.client.chat.completions.create(model=self.model, messages=messages, temperature=self.temperature,
-                                                   max_tokens=self.max_tokens, **extra)
-        if not resp.choices:
-            raise QuestionError("the endpoint returned no choices")
-        content = resp.choices[0].message.content
-        if not isinstance(content, str):
-            raise QuestionError("the endpoint returned no text content")
-        return content
+        return self.chat(messages)
 
 
 class TransformersQuestionGenerator(_RetryingGenerator):
-    """Questions from a local ``transformers`` chat model, decoded greedily (loaded on first use)."""
+    """Questions from a local ``transformers`` chat model, decoded greedily (see :class:`coherendream.llm.TransformersChat`)."""
 
     def __init__(self, model_name_or_path: str | None = None, *, model: Any = None, tokenizer: Any = None,
                  device: str = "cpu", torch_dtype: Any = "auto", trust_remote_code: bool = False,
                  max_new_tokens: int = 768, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if (model is None) != (tokenizer is None):
-            raise ValueError("pass both model and tokenizer, or neither (and a model_name_or_path)")
-        if model is None and not model_name_or_path:
-            raise ValueError("pass model_name_or_path or a model and tokenizer")
-        self.model_name_or_path = model_name_or_path
-        self.model, self.tokenizer = model, tokenizer
-        self.device, self.torch_dtype, self.trust_remote_code = device, torch_dtype, trust_remote_code
-        self.max_new_tokens = max_new_tokens
-
-    def _load(self) -> None:
-        if self.model is not None:
-            return
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, dtype=self.torch_dtype,
-                                                          trust_remote_code=self.trust_remote_code).to(self.device)
-        self.model.eval()
+        self.chat = TransformersChat(model_name_or_path, model=model, tokenizer=tokenizer, device=device, torch_dtype=torch_dtype,
+                                     trust_remote_code=trust_remote_code, max_new_tokens=max_new_tokens)
 
     def _complete(self, messages: list[dict[str, str]]) -> str:
-        import torch
-
-        self._load()
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None) is None:
-            raise QuestionError(f"tokenizer of {self.model_name_or_path or type(self.model).__name__} has no chat template")
-        try:
-            enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        except Exception:  # noqa: BLE001 -- retried below in the other form
-            # Templates without a system role (Gemma's): fold the instructions into the user turn.
-            folded = [{"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}, *messages[2:]]
-            enc = tok.apply_chat_template(folded, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        device = next(self.model.parameters()).device
-        enc = {k: v.to(device) for k, v in enc.items()}
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        with torch.no_grad():
-            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
-        return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        return self.chat(messages)
 
 
 # =========================================================================== answering and scoring

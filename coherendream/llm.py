@@ -1,0 +1,138 @@
+"""Chat completions from an LLM, two backends behind one call: ``chat(messages) -> text``.
+
+Used wherever the toolkit asks an LLM for something it then validates (layouts, TIFA questions):
+
+* :class:`OpenAIChat` -- any OpenAI-compatible endpoint (OpenAI, or a local vLLM server through
+  ``base_url``), with the ``openai`` client;
+* :class:`TransformersChat` -- a local ``transformers`` chat model, decoded greedily.
+
+Both return the raw answer text; what is done with it (parsing, validation, retries, a rule-based
+fallback) belongs to the caller, since LLM output is untrusted input.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+class LLMError(ValueError):
+    """The endpoint or model gave no usable answer (no choices, no text, no chat template)."""
+
+
+class OpenAIChat:
+    """An OpenAI-compatible chat endpoint.
+
+    ``api_key`` defaults to the environment variable ``api_key_env``; a server on a custom
+    ``base_url`` that needs no key (vLLM without ``--api-key``) gets the placeholder ``"EMPTY"``.
+    ``timeout`` and ``max_retries`` are the HTTP client's (network errors, 429/5xx).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout: float = 60.0,
+        max_retries: int = 2,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        json_mode: bool = False,
+        client: Any = None,
+    ) -> None:
+        if not model:
+            raise ValueError("model must name the served model (e.g. the name vLLM was started with)")
+        self.model, self.temperature, self.max_tokens, self.json_mode = model, temperature, max_tokens, json_mode
+        if client is None:
+            from openai import (
+                OpenAI,  # imported here so that offline paths never need it
+            )
+
+            key = api_key or os.environ.get(api_key_env)
+            if not key:
+                if base_url is None:
+                    raise ValueError(f"no API key: pass api_key or set ${api_key_env} (or point base_url at a local server)")
+                key = "EMPTY"
+            client = OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self.client = client
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        extra = {"response_format": {"type": "json_object"}} if self.json_mode else {}
+        resp = self.client.chat.completions.create(
+            model=self.model, messages=messages, temperature=self.temperature, max_tokens=self.max_tokens, **extra
+        )
+        if not resp.choices:
+            raise LLMError("the endpoint returned no choices")
+        content = resp.choices[0].message.content
+        if not isinstance(content, str):
+            raise LLMError("the endpoint returned no text content")
+        return content
+
+
+class TransformersChat:
+    """A local ``transformers`` chat model, decoded greedily.
+
+    Pass ``model_name_or_path`` (loaded on first use with ``AutoModelForCausalLM`` /
+    ``AutoTokenizer``; ``trust_remote_code`` stays off unless asked for), or a ready ``model`` and
+    ``tokenizer``. The tokenizer must have a chat template; templates without a system role get the
+    system prompt folded into the first user turn.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+        device: str = "cpu",
+        torch_dtype: Any = "auto",
+        trust_remote_code: bool = False,
+        max_new_tokens: int = 768,
+    ) -> None:
+        if (model is None) != (tokenizer is None):
+            raise ValueError("pass both model and tokenizer, or neither (and a model_name_or_path)")
+        if model is None and not model_name_or_path:
+            raise ValueError("pass model_name_or_path or a model and tokenizer")
+        self.model_name_or_path = model_name_or_path
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.torch_dtype, self.trust_remote_code = device, torch_dtype, trust_remote_code
+        self.max_new_tokens = max_new_tokens
+
+    def _load(self) -> None:
+        if self.model is not None:
+            return
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path, trust_remote_code=self.trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            self.model_name_or_path, dtype=self.torch_dtype, trust_remote_code=self.trust_remote_code
+        ).to(self.device)
+        self.model.eval()
+
+    def _encode(self, messages: list[dict[str, str]]) -> Any:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None) is None:
+            raise LLMError(
+                f"tokenizer of {self.model_name_or_path or type(self.model).__name__} has no chat template; "
+                "use an instruction-tuned model or set tokenizer.chat_template"
+            )
+        try:
+            return tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception:  # noqa: BLE001 - some templates (e.g. Gemma's) refuse a system turn
+            system, rest = messages[0]["content"], messages[1:]
+            folded = [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}, *rest[1:]]
+            return tok.apply_chat_template(folded, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+
+    def __call__(self, messages: list[dict[str, str]]) -> str:
+        import torch
+
+        self._load()
+        enc = self._encode(messages)
+        device = next(self.model.parameters()).device
+        enc = {k: v.to(device) for k, v in enc.items()}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, do_sample=False, pad_token_id=pad)
+        return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
