@@ -233,6 +233,11 @@ class Critic:
 
         base = str(model_name_or_path)
         base_dir = Path(base)
+        # A hub id is "name" or "namespace/name"; anything else is a local path and must exist
+        # (transformers would otherwise report it as a malformed repo id).
+        looks_local = base_dir.is_absolute() or base.startswith((".", "~")) or base.count("/") > 1
+        if looks_local and not base_dir.exists():
+            raise FileNotFoundError(f"critic {base}: no such folder")
         if adapter is None and (base_dir / "adapter_config.json").is_file() and not (base_dir / "config.json").is_file():
             adapter = base_dir
             base = json.loads((base_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")

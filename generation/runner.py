@@ -135,7 +135,7 @@ class CameraSettings:
 @dataclass
 class CriticSettings:
     """The critic checkpoint: ``path`` (a merged model or adapter folder, or a hub id) + optional
-    ``adapter``; ``dtype`` default bf16 on CUDA, fp32 on CPU. ``path: null`` = no critic."""
+    ``adapter``; ``dtype`` default bf16 on CUDA, fp32 on CPU. ``path: null`` = the embedded procedural critic in modes tcsd and reward_weighted, none in mode sds."""
 
     path: str | None = None
     adapter: str | None = None
@@ -403,12 +403,6 @@ def _config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str
 
 def _check_parts(config: GenerateConfig, critic: Any, guidance: Any) -> None:
     has_prior = guidance is not None or config.prior is not None
-    has_critic = critic is not None or config.critic.path is not None
-    if config.mode in ("tcsd", "reward_weighted") and not has_critic:
-        raise ValueError(
-            f"mode {config.mode!r} needs a critic: set critic.path to a critic checkpoint folder (for example one written by "
-            "`coherendream critic train` or `coherendream critic build-tiny`); the embedded default critic is not built yet"
-        )
     if config.mode in ("sds", "reward_weighted") and not has_prior:
         raise ValueError(f"mode {config.mode!r} needs a prior: set prior.pretrained_model_name_or_path (prior: none only works with mode tcsd)")
     if config.tcsd.critic.x0_straight_through and config.mode == "tcsd" and not has_prior:
@@ -441,10 +435,12 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
         from coherendream.generation.guidance import SDSGuidance
 
         guidance = SDSGuidance.from_pretrained(None, config.prior, device)
-    if critic is None and config.critic.path is not None:
-        from coherendream.critic.model import Critic
+    if critic is None and (config.critic.path is not None or config.mode in ("tcsd", "reward_weighted")):
+        from coherendream.critic.model import Critic, default_critic_path
 
-        critic = Critic.from_pretrained(config.critic.path, adapter=config.critic.adapter, dtype=config.critic.dtype, device=device)
+        # no critic given: the embedded procedural critic, as everywhere in the toolkit
+        path = config.critic.path or default_critic_path()
+        critic = Critic.from_pretrained(path, adapter=config.critic.adapter, dtype=config.critic.dtype, device=device)
     critic_views = getattr(getattr(critic, "config", None), "num_views", None)
     if critic is not None and critic_views is not None and critic_views != config.num_views:
         raise ValueError(f"the critic expects {critic_views} views per sample but num_views={config.num_views}")

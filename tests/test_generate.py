@@ -165,10 +165,15 @@ def test_outputs_exist_and_ply_reads_back(tmp_path, critic_dir, critic):
     assert result.final_critic is not None and 0 < result.final_critic["prob_yes"] < 1
 
 
-def test_tcsd_without_critic_is_a_clear_error(tmp_path):
-    cfg = load_config(GenerateConfig, CPU_PRESET, [*FAST, f"output_dir={tmp_path}"])
-    with pytest.raises(ValueError, match="needs a critic: set critic.path"):
-        generate(cfg)
+def test_tcsd_without_critic_path_uses_the_embedded_critic(tmp_path, critic_dir, monkeypatch):
+    import coherendream.critic.model as critic_model
+
+    monkeypatch.setattr(critic_model, "EMBEDDED_CRITIC", critic_dir)  # a tiny stand-in for the shipped weights
+    result = generate(load_config(GenerateConfig, CPU_PRESET, [*FAST, "steps=1", f"output_dir={tmp_path / 'a'}"]))
+    assert result.final_critic is not None and 0 < result.final_critic["prob_yes"] < 1
+    monkeypatch.setattr(critic_model, "EMBEDDED_CRITIC", tmp_path / "nothing-here")
+    with pytest.raises(FileNotFoundError, match="embedded critic is missing"):
+        generate(load_config(GenerateConfig, CPU_PRESET, [*FAST, f"output_dir={tmp_path / 'b'}"]))
     with pytest.raises(ValueError, match="needs a prior"):
         generate(load_config(GenerateConfig, CPU_PRESET, [*FAST, "mode=sds", "critic.path=x", f"output_dir={tmp_path}"]))
 
@@ -185,5 +190,5 @@ def test_cli_generate_runs_the_cpu_preset(tmp_path, critic_dir):
     assert res.exit_code == 0, res.output
     assert "P(yes)" in res.output and (out / "gaussians.ply").is_file()
     assert json.loads((out / "layout.json").read_text())["prompt"] == "a red cube: on a blue sphere"
-    res = CliRunner().invoke(app, ["generate", "-c", str(CPU_PRESET), "-o", str(tmp_path / "x"), *FAST])
-    assert res.exit_code == 2 and "needs a critic" in res.output
+    res = CliRunner().invoke(app, ["generate", "-c", str(CPU_PRESET), "-o", str(tmp_path / "x"), "critic.path=" + str(tmp_path / "no-critic"), *FAST])
+    assert res.exit_code == 2 and "no-critic" in res.output
