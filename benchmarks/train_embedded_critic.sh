@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train the embedded default critic from scratch on procedural scenes, end to end, on CPU:
 # build the data of both stages and the held-out test set, build a random tiny LLaVA, train
-# stage 1 (single objects, colour/shape negatives) then stage 2 (all scene kinds and negative
-# types, initialised from stage 1), evaluate on the test set per negative type, and copy the
+# stage 1 (single objects, colour/shape negatives), stage 2 (all scene kinds and negative
+# types, initialised from stage 1) and stage 3 (a second, lower-lr cosine cycle on the stage 2 data), evaluate on the test set per negative type, and copy the
 # critic (weights, processor, tokenizer, chat template, critic_config.json, metrics.json) to $DEST.
 #
 #   bash benchmarks/train_embedded_critic.sh                 # work in /tmp/emb, install to critic/embedded
@@ -32,11 +32,12 @@ $PY -c "from coherendream.critic.tiny import build_tiny_critic; build_tiny_criti
 # 3. curriculum
 $CD critic train -c configs/critic/embedded_stage1.yaml model_name_or_path="$WORK/tiny" dataset="$WORK/stage1" output_dir="$WORK/s1"
 $CD critic train -c configs/critic/embedded_stage2.yaml model_name_or_path="$WORK/s1" dataset="$WORK/stage2" output_dir="$WORK/s2"
+$CD critic train -c configs/critic/embedded_stage3.yaml model_name_or_path="$WORK/s2" dataset="$WORK/stage2" output_dir="$WORK/s3"
 t2=$(date +%s)
 
 # 4. held-out evaluation (test split, threshold 0.5)
-$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s2" --batch-size 64 --device cpu
-$PY - "$WORK/scores/scores.jsonl" "$WORK/s2/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
+$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s3" --batch-size 64 --device cpu
+$PY - "$WORK/scores/scores.jsonl" "$WORK/s3/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
 import json, sys
 from coherendream.eval.metrics import critic_report
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -64,6 +65,6 @@ PYEOF
 mkdir -p "$DEST"
 for f in model.safetensors config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json \
          processor_config.json preprocessor_config.json chat_template.jinja chat_template.json critic_config.json metrics.json; do
-  [ -f "$WORK/s2/$f" ] && cp "$WORK/s2/$f" "$DEST/"
+  [ -f "$WORK/s3/$f" ] && cp "$WORK/s3/$f" "$DEST/"
 done
 echo "data build $((t1 - t0)) s, training $((t2 - t1)) s; critic in $DEST"
