@@ -27,7 +27,7 @@ test: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/coherendream data build --config configs/data/demo.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/coherendream demo
 
 clean:
 	rm -rf $(VENV) outputs
