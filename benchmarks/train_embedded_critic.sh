@@ -22,6 +22,7 @@ t0=$(date +%s)
 # 1. data (re-running resumes/keeps finished builds)
 $CD data build -c configs/data/embedded_stage1.yaml -o "$WORK/stage1"
 $CD data build -c configs/data/embedded_stage2.yaml -o "$WORK/stage2"
+$CD data build -c configs/data/embedded_stage4.yaml -o "$WORK/stage4"
 $CD data build -c configs/data/embedded_test.yaml -o "$WORK/test"
 t1=$(date +%s)
 
@@ -33,11 +34,12 @@ $PY -c "from coherendream.critic.tiny import build_tiny_critic; build_tiny_criti
 $CD critic train -c configs/critic/embedded_stage1.yaml model_name_or_path="$WORK/tiny" dataset="$WORK/stage1" output_dir="$WORK/s1"
 $CD critic train -c configs/critic/embedded_stage2.yaml model_name_or_path="$WORK/s1" dataset="$WORK/stage2" output_dir="$WORK/s2"
 $CD critic train -c configs/critic/embedded_stage3.yaml model_name_or_path="$WORK/s2" dataset="$WORK/stage2" output_dir="$WORK/s3"
+$CD critic train -c configs/critic/embedded_stage4.yaml model_name_or_path="$WORK/s3" dataset="$WORK/stage4" output_dir="$WORK/s4"
 t2=$(date +%s)
 
 # 4. held-out evaluation (test split, threshold 0.5)
-$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s3" --batch-size 64 --device cpu
-$PY - "$WORK/scores/scores.jsonl" "$WORK/s3/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
+$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s4" --batch-size 64 --device cpu
+$PY - "$WORK/scores/scores.jsonl" "$WORK/s4/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
 import json, sys
 from coherendream.eval.metrics import critic_report
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -65,6 +67,6 @@ PYEOF
 mkdir -p "$DEST"
 for f in model.safetensors config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json \
          processor_config.json preprocessor_config.json chat_template.jinja chat_template.json critic_config.json metrics.json; do
-  [ -f "$WORK/s3/$f" ] && cp "$WORK/s3/$f" "$DEST/"
+  [ -f "$WORK/s4/$f" ] && cp "$WORK/s4/$f" "$DEST/"
 done
 echo "data build $((t1 - t0)) s, training $((t2 - t1)) s; critic in $DEST"

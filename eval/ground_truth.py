@@ -22,10 +22,15 @@ from coherendream.cameras import OrbitSpec
 from coherendream.data.procedural import PALETTE
 
 
+# The palette leaves out achromatic colours (the background is white), but a generated object can
+# be grey or white: without these references an untouched grey object would be read as "purple".
+_REFERENCES = {**PALETTE, "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
+
+
 def nearest_palette_color(rgb: np.ndarray) -> str:
-    """Palette name closest to an RGB colour in [0, 1] (Euclidean distance in RGB)."""
-    names = list(PALETTE)
-    dist = [float(np.linalg.norm(np.asarray(PALETTE[n]) - rgb)) for n in names]
+    """Name of the palette colour (or gray/white) closest to an RGB colour in [0, 1], Euclidean in RGB."""
+    names = list(_REFERENCES)
+    dist = [float(np.linalg.norm(np.asarray(_REFERENCES[n]) - rgb)) for n in names]
     return names[int(np.argmin(dist))]
 
 

@@ -42,3 +42,6 @@ def test_stacking_and_depth_relations():
 def test_nearest_palette_colour():
     assert nearest_palette_color(torch.tensor([0.9, 0.1, 0.05]).numpy()) == "red"
     assert nearest_palette_color(torch.tensor([0.05, 0.05, 0.06]).numpy()) == "black"
+    # an untouched grey object is grey, not the nearest chromatic colour
+    assert nearest_palette_color(torch.tensor([0.5, 0.5, 0.5]).numpy()) == "gray"
+    assert nearest_palette_color(torch.tensor([0.51, 0.49, 0.56]).numpy()) == "gray"
