@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from coherendream.generation.camera_sampler import view_direction, view_prompt  # re-exported in __all__
+
 if TYPE_CHECKING:  # pragma: no cover - typing only; diffusers/transformers load lazily.
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -60,7 +62,7 @@ __all__ = [
     "predict_x0",
     "to_epsilon",
     "view_direction",
-    "view_dependent_prompt",
+    "view_prompt",
 ]
 
 
@@ -304,27 +306,6 @@ def to_epsilon(model_output: torch.Tensor, latents_noisy: torch.Tensor, alphas_c
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
-def view_direction(azimuth: float, elevation: float, overhead_elevation: float = 60.0, front_half_angle: float = 45.0, back_half_angle: float = 45.0) -> str:
-    """``"front"``, ``"side"``, ``"back"`` or ``"overhead"`` for a camera at (azimuth, elevation) degrees.
-
-    Uses the shared camera convention (``coherendream.cameras``): azimuth 0 puts the camera on
-    +Z, which is taken as the object's front.
-    """
-    if elevation > overhead_elevation:
-        return "overhead"
-    az = (azimuth + 180.0) % 360.0 - 180.0  # -> [-180, 180)
-    if abs(az) < front_half_angle:
-        return "front"
-    if abs(az) > 180.0 - back_half_angle:
-        return "back"
-    return "side"
-
-
-def view_dependent_prompt(prompt: str, azimuth: float, elevation: float) -> str:
-    """DreamFusion-style view-dependent text: ``"<prompt>, <direction> view"``."""
-    return f"{prompt}, {view_direction(azimuth, elevation)} view"
-
-
 # --------------------------------------------------------------------------------------------
 # The guidance module
 # --------------------------------------------------------------------------------------------
@@ -447,7 +428,7 @@ class SDSGuidance:
             raise ValueError(f"{len(azimuths)} azimuths but {len(elevations)} elevations")
         if not self.config.view_dependent_prompting:
             return [prompt] * len(azimuths)
-        return [view_dependent_prompt(prompt, a, e) for a, e in zip(azimuths, elevations)]
+        return [view_prompt(prompt, a, e) for a, e in zip(azimuths, elevations)]
 
     # ----- images <-> latents ---------------------------------------------------------------
 
