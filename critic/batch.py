@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from coherendream.data.assets import AssetError
-from coherendream.data.manifest import MAX_CAPTION_CHARS, list_view_images, read_table, resolve_under_root
+from coherendream.data.manifest import MAX_CAPTION_CHARS, evenly_spaced, list_view_images, read_table, resolve_under_root
 from coherendream.io import atomic_open, write_json
 
 logger = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def select_views(folder: str | Path, num_views: int) -> list[Path]:
         raise ItemError(
             "too_few_views", f"{folder}: {len(files)} image(s), {num_views} views needed (image files: .png/.jpg/.jpeg/.webp)"
         )
-    return [files[int(i * len(files) / num_views)] for i in range(num_views)]
+    return evenly_spaced(files, num_views)
 
 
 def items_from_render_dir(

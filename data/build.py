@@ -41,7 +41,7 @@ import numpy as np
 from coherendream.cameras import OrbitSpec
 from coherendream.config import dump_yaml, to_dict
 from coherendream.data.assets import AssetError, load_mesh
-from coherendream.data.manifest import AssetRef, Rejection, list_view_images, read_manifest, scan_mesh_dir, scan_render_dir
+from coherendream.data.manifest import AssetRef, Rejection, evenly_spaced, list_view_images, read_manifest, scan_mesh_dir, scan_render_dir
 from coherendream.data.negatives import NEGATIVE_TYPES, Negative, NegativeConfig, procedural_negative, text_negative
 from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds, parse_caption, sample_scene
 from coherendream.grid import GridLayout, tile
@@ -299,7 +299,7 @@ class ChunkBuilder:
         if len(files) < num:
             raise AssetError("too_few_views", f"{ref.path}: {len(files)} image(s), {num} views needed")
         # more images than views: take evenly spaced ones (renders are usually stored in orbit order)
-        picks = [files[int(i * len(files) / num)] for i in range(num)]
+        picks = evenly_spaced(files, num)
         res, bg = self.config.render.resolution, np.asarray(self.config.render.background)
         views = []
         for f in picks:

@@ -197,6 +197,12 @@ def scan_render_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]
     return refs, rejected
 
 
+def evenly_spaced(files: list, num_views: int) -> list:
+    """``num_views`` of ``files`` spread evenly from the first (renders are stored in orbit order,
+    so this keeps the chosen views spread around the object). Needs ``len(files) >= num_views``."""
+    return [files[int(i * len(files) / num_views)] for i in range(num_views)]
+
+
 def list_view_images(folder: str | Path) -> list[Path]:
     """Image files of a pre-rendered asset, in name order (which is taken as view order)."""
     return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
