@@ -185,12 +185,22 @@ def critic_score(
 def critic_build_tiny(
     output: Annotated[Path, typer.Argument(help="folder for the random tiny critic")],
     image_size: Annotated[int, typer.Option(help="processor crop size in pixels")] = 64,
+    patch_size: Annotated[int, typer.Option(help="vision patch size; (image_size / patch_size)^2 image tokens")] = 8,
+    text_hidden: Annotated[int, typer.Option(help="hidden size of the Llama text model")] = 64,
+    text_layers: Annotated[int, typer.Option(help="decoder layers of the text model")] = 2,
+    vision_hidden: Annotated[int, typer.Option(help="hidden size of the CLIP vision tower")] = 32,
+    vision_layers: Annotated[int, typer.Option(help="encoder layers of the vision tower")] = 2,
+    initializer_range: Annotated[float, typer.Option(help="std of the random weights")] = 0.02,
     seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
 ) -> None:
     """Build a tiny random LLaVA critic offline (word-level tokenizer, CLIP processor), for tests and experiments."""
     from coherendream.critic.tiny import build_tiny_critic
 
-    typer.echo(f"tiny critic written to {build_tiny_critic(output, image_size=image_size, seed=seed)}")
+    path = build_tiny_critic(
+        output, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden, text_layers=text_layers,
+        vision_hidden=vision_hidden, vision_layers=vision_layers, initializer_range=initializer_range, seed=seed,
+    )
+    typer.echo(f"tiny critic written to {path}")
 
 
 @app.command("generate")

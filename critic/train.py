@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from coherendream.config import dump_yaml
 from coherendream.io import write_text
-from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages
+from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, format_describe, prompt_messages
 
 # LoRA on the language model only: this regex does not match the CLIP tower's q/k/v_proj.
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -77,6 +77,12 @@ class CriticTrainConfig:
     mode: Literal["sft", "dpo"] = "sft"
     use_lora: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # LLaVA keeps its pretrained CLIP frozen; a critic trained from a random tower must train it
+    freeze_vision_tower: bool = True
+    # add one description row per asset ("Describe this 3D object..." -> its true caption): LLaVA's
+    # feature-alignment task as an auxiliary loss, a token-level signal for colours, shapes, counts
+    # and relations that a one-token yes/no answer gives only one bit of
+    caption_rows: bool = False
     projector_lr: float | None = 2e-5  # LLaVA's mm_projector_lr; None: the projector uses learning_rate
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False
@@ -128,8 +134,8 @@ def load_model_and_processor(config: CriticTrainConfig):
     processor = AutoProcessor.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    if not config.use_lora:
-        # full fine-tuning still keeps the vision tower frozen, as in LLaVA's recipe
+    if config.freeze_vision_tower and not config.use_lora:
+        # LoRA freezes everything outside its targets anyway; full fine-tuning needs it said
         for name, p in model.named_parameters():
             if "vision_tower" in name:
                 p.requires_grad_(False)
@@ -147,7 +153,8 @@ def peft_config(config: CriticTrainConfig):
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=lora.target_modules,
-        modules_to_save=lora.modules_to_save or None,
+        # an unfrozen vision tower trains in full next to the adapter
+        modules_to_save=(list(lora.modules_to_save or []) + ([] if config.freeze_vision_tower else ["vision_tower"])) or None,
         task_type="CAUSAL_LM",
     )
 
@@ -172,12 +179,46 @@ def load_rows(config: CriticTrainConfig):
     if evaluation is not None and config.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
     keep = ["images", "prompt", "completion"]
+    if config.caption_rows:
+        if config.mode == "dpo":
+            raise ValueError("caption_rows is an SFT auxiliary task; it has no preference form (use mode=sft)")
+        train = with_caption_rows(train)
     if config.mode == "dpo":
         train, evaluation = to_preference_rows(train), (to_preference_rows(evaluation) if evaluation is not None else None)
     else:
         train = train.select_columns(keep)
         evaluation = evaluation.select_columns(keep) if evaluation is not None else None
     return train, evaluation
+
+
+def with_caption_rows(ds):
+    """``ds`` plus one description row per asset, built from the asset's first positive row: the
+    same images, the question :data:`~coherendream.prompts.DESCRIBE_TEMPLATE`, the true caption as
+    the answer. Needs the builder's ``label``, ``asset_id`` and ``true_caption`` columns."""
+    from datasets import Image, Sequence, concatenate_datasets
+
+    missing = {"label", "asset_id", "true_caption"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"caption_rows needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
+    seen: set[str] = set()
+    first_positive = []
+    for i, (label, asset) in enumerate(zip(ds["label"], ds["asset_id"])):
+        if label == 1 and asset not in seen:
+            seen.add(asset)
+            first_positive.append(i)
+
+    # columns built without a map over the rows: a map would decode every image
+    picked = ds.select(first_positive)
+    counts = picked.cast_column("views", Sequence(Image(decode=False))) if "views" in ds.column_names else picked
+    counts = counts.cast_column("images", Sequence(Image(decode=False)))
+    prompts, completions = [], []
+    for row in counts.select_columns([c for c in ("images", "views", "true_caption") if c in ds.column_names]):
+        num_views = len(row.get("views") or row["images"])
+        prompts.append(prompt_messages(format_describe(num_views), len(row["images"])))
+        completions.append(completion_messages(row["true_caption"]))
+    keep = ["images", "prompt", "completion"]
+    captions = picked.select_columns(["images"]).add_column("prompt", prompts).add_column("completion", completions)
+    return concatenate_datasets([ds.select_columns(keep), captions.cast(ds.select_columns(keep).features)])
 
 
 def to_preference_rows(ds):

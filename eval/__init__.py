@@ -7,8 +7,15 @@
 * :mod:`coherendream.eval.report` -- single-file HTML reports with embedded images and
   matplotlib plots, and JSON + CSV result files.
 
+The protocols behind ``coherendream eval ...``, one module each: :mod:`~coherendream.eval.critic_eval`
+(``evaluate_critic``), :mod:`~coherendream.eval.assets` (``evaluate_assets``),
+:mod:`~coherendream.eval.t3bench` (``run_t3bench``), :mod:`~coherendream.eval.tifa` (``run_tifa``),
+:mod:`~coherendream.eval.judge` (``judge_methods``, pairwise judging + Elo) and
+:mod:`~coherendream.eval.ground_truth` (``check_generation``, per-box colour and position of a
+generated procedural scene).
+
 The names below are exported lazily (PEP 562), so importing the metrics alone does not pull in
-matplotlib or scipy.optimize.
+matplotlib, scipy.optimize or the renderers.
 """
 
 from __future__ import annotations
@@ -28,6 +35,12 @@ _EXPORTS = {
         "roc_auc",
     ),
     "elo": ("EloResult", "expected_score", "fit_elo"),
+    "critic_eval": ("evaluate_critic",),
+    "assets": ("evaluate_assets",),
+    "t3bench": ("run_t3bench",),
+    "tifa": ("run_tifa",),
+    "judge": ("judge_methods",),
+    "ground_truth": ("check_generation",),
     "report": (
         "Report",
         "html_table",

@@ -113,6 +113,46 @@ def test_projector_gets_its_own_learning_rate(tmp_path, tiny, dataset):
     assert not any("vision_tower" in n for n in lrs)  # frozen: not in the optimizer at all
 
 
+def test_caption_rows_add_one_description_per_asset(tiny, dataset):
+    from coherendream.critic.train import load_rows
+    from coherendream.prompts import format_describe
+
+    plain, _ = load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None))
+    mixed, _ = load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, caption_rows=True))
+    rows = load_built_dataset(dataset)["train"]
+    assets = sorted(set(rows["asset_id"]))
+    assert len(mixed) == len(plain) + len(assets)
+    added = mixed.select(range(len(plain), len(mixed)))
+    first_positive = {}
+    for r in rows.select_columns(["asset_id", "label", "true_caption", "images"]):
+        if r["label"] == 1:
+            first_positive.setdefault(r["asset_id"], r)
+    questions = {r["prompt"][0]["content"][-1]["text"] for r in added}
+    assert questions == {format_describe(4)}
+    answers = [r["completion"][0]["content"][0]["text"] for r in added]
+    assert sorted(answers) == sorted(r["true_caption"] for r in first_positive.values())
+    # the description is asked about the asset's own views
+    first = added[0]
+    match = next(r for r in first_positive.values() if r["true_caption"] == first["completion"][0]["content"][0]["text"])
+    assert list(first["images"][0].getdata()) == list(match["images"][0].getdata())
+    with pytest.raises(ValueError, match="caption_rows"):
+        load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, caption_rows=True, mode="dpo"))
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_unfrozen_vision_tower_trains(tmp_path, tiny, dataset, use_lora):
+    from coherendream.critic.train import make_trainer
+
+    cfg = train_config(tiny, dataset, tmp_path / "vision", max_steps=3)
+    cfg.use_lora, cfg.freeze_vision_tower, cfg.caption_rows = use_lora, False, True
+    trainer = make_trainer(cfg)
+    vision = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "vision_tower" in n and p.requires_grad}
+    assert vision
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(after[n].detach(), before) for n, before in vision.items())
+
+
 def test_dpo_mode_fits_answer_preferences(tmp_path, tiny, dataset):
     # Half the preferences favour "Yes", half "No": unlike SFT there is no answer prior to pick up,
     # so a falling loss means the (image, caption) -> answer preferences are being learnt. A random
