@@ -144,7 +144,8 @@ def _tcsd_parts(tmp: str, num_gaussians: int, resolution: int, views: int):
     from coherendream.critic.tiny import build_tiny_critic
     from coherendream.generation.gaussians import GaussianModel
     from coherendream.generation.guidance import SDSConfig, SDSGuidance
-    from coherendream.generation.layout import RuleBasedPlanner, colors_from_prompts, sample_points_in_layout
+    from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout
+    from coherendream.generation.layout_rules import RuleBasedPlanner
     from coherendream.generation.tiny_prior import build_tiny_prior
 
     critic = Critic.from_pretrained(build_tiny_critic(f"{tmp}/critic"), device="cpu")

@@ -18,9 +18,9 @@ from coherendream.generation.layout import (
     LayoutError,
     LayoutPlanner,
     LayoutResult,
-    RuleBasedPlanner,
     parse_layout_text,
 )
+from coherendream.generation.layout_rules import RuleBasedPlanner
 
 from coherendream.llm import OpenAIChat, TransformersChat
 

@@ -245,7 +245,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_planner(settings: LayoutSettings) -> Any:
     """The layout planner named by ``settings`` (anything with ``plan(prompt) -> LayoutResult``)."""
-    from coherendream.generation.layout import RuleBasedPlanner
+    from coherendream.generation.layout_rules import RuleBasedPlanner
 
     if settings.planner == "rules":
         return RuleBasedPlanner()

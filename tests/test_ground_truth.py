@@ -2,7 +2,8 @@ import torch
 
 from coherendream.eval.ground_truth import check_generation, nearest_palette_color
 from coherendream.generation.gaussians import GaussianModel
-from coherendream.generation.layout import RuleBasedPlanner, colors_from_prompts, sample_points_in_layout
+from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout
+from coherendream.generation.layout_rules import RuleBasedPlanner
 
 
 def seeded_scene(prompt: str, swap_colors: bool = False, mirror_x: bool = False):

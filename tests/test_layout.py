@@ -16,7 +16,6 @@ from coherendream.generation.layout import (
     Layout,
     LayoutError,
     LayoutPlanner,
-    RuleBasedPlanner,
     colors_from_prompts,
     extract_json,
     normalise_relation,
@@ -26,6 +25,7 @@ from coherendream.generation.layout import (
     validate_layout,
 )
 from coherendream.generation.layout_llm import _EXAMPLE_LAYOUT, OpenAIPlanner, TransformersPlanner, build_messages
+from coherendream.generation.layout_rules import RuleBasedPlanner
 
 # The benchmark prompt sets live in ../shared/bench beside the repository (never copied into it).
 BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "t3bench"
