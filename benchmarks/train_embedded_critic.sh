@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Train the embedded default critic from scratch on procedural scenes, end to end, on CPU:
-# build the data of both stages and the held-out test set, build a random tiny LLaVA, train
-# stage 1 (single objects, colour/shape negatives), stage 2 (all scene kinds and negative
-# types, initialised from stage 1) and stage 3 (a second, lower-lr cosine cycle on the stage 2 data), evaluate on the test set per negative type, and copy the
+# build the data of every stage and the held-out test set, build a random tiny LLaVA, train
+# stage 1 (single objects, colour/shape negatives), stage 2 (all scene kinds and negative types,
+# initialised from stage 1), stage 3 (a second, lower-lr cosine cycle on the stage 2 data),
+# stage 4 (colour/shape-weighted negatives on mostly multi-object scenes) and stage 5 (the same
+# data with the vision tower trained too), evaluate on the test set per negative type, and copy the
 # critic (weights, processor, tokenizer, chat template, critic_config.json, metrics.json) to $DEST.
 #
 #   bash benchmarks/train_embedded_critic.sh                 # work in /tmp/emb, install to critic/embedded
@@ -26,20 +28,22 @@ $CD data build -c configs/data/embedded_stage4.yaml -o "$WORK/stage4"
 $CD data build -c configs/data/embedded_test.yaml -o "$WORK/test"
 t1=$(date +%s)
 
-# 2. random tiny critic: text 96 x 3 layers, vision 192 x 1 layer (frozen during training), 64 px, patch 8,
-#    initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
-$PY -c "from coherendream.critic.tiny import build_tiny_critic; build_tiny_critic('$WORK/tiny', image_size=64, text_hidden=96, text_layers=3, vision_hidden=192, vision_layers=1, patch_size=8, seed=0, initializer_range=0.1)"
+# 2. random tiny critic: text 96 x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained in stage 5),
+#    64 px, patch 8, initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
+$CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden 96 --text-layers 3 \
+    --vision-hidden 192 --vision-layers 1 --initializer-range 0.1 --seed 0
 
 # 3. curriculum
 $CD critic train -c configs/critic/embedded_stage1.yaml model_name_or_path="$WORK/tiny" dataset="$WORK/stage1" output_dir="$WORK/s1"
 $CD critic train -c configs/critic/embedded_stage2.yaml model_name_or_path="$WORK/s1" dataset="$WORK/stage2" output_dir="$WORK/s2"
 $CD critic train -c configs/critic/embedded_stage3.yaml model_name_or_path="$WORK/s2" dataset="$WORK/stage2" output_dir="$WORK/s3"
 $CD critic train -c configs/critic/embedded_stage4.yaml model_name_or_path="$WORK/s3" dataset="$WORK/stage4" output_dir="$WORK/s4"
+$CD critic train -c configs/critic/embedded_stage5.yaml model_name_or_path="$WORK/s4" dataset="$WORK/stage4" output_dir="$WORK/s5"
 t2=$(date +%s)
 
 # 4. held-out evaluation (test split, threshold 0.5)
-$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s4" --batch-size 64 --device cpu
-$PY - "$WORK/scores/scores.jsonl" "$WORK/s4/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
+$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s5" --batch-size 64 --device cpu
+$PY - "$WORK/scores/scores.jsonl" "$WORK/s5/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
 import json, sys
 from coherendream.eval.metrics import critic_report
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -67,6 +71,6 @@ PYEOF
 mkdir -p "$DEST"
 for f in model.safetensors config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json \
          processor_config.json preprocessor_config.json chat_template.jinja chat_template.json critic_config.json metrics.json; do
-  [ -f "$WORK/s4/$f" ] && cp "$WORK/s4/$f" "$DEST/"
+  [ -f "$WORK/s5/$f" ] && cp "$WORK/s5/$f" "$DEST/"
 done
 echo "data build $((t1 - t0)) s, training $((t2 - t1)) s; critic in $DEST"
