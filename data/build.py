@@ -511,6 +511,11 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     chunks_dir.mkdir(parents=True, exist_ok=True)
     mine = [i for i in range(n_chunks) if i % config.num_shards == config.shard_index]
     pending = [i for i in mine if not (chunks_dir / f"{i:05d}.done.json").exists()]
+    for i in pending:
+        # Temporary files of an atomic write that a killed run left behind. Only this shard writes
+        # its own pending chunks, so these cannot belong to a shard running beside it.
+        for stale in chunks_dir.glob(f".{i:05d}.*.tmp"):
+            stale.unlink(missing_ok=True)
     jobs = [(i, refs[i * config.chunk_size : (i + 1) * config.chunk_size], splits[i * config.chunk_size : (i + 1) * config.chunk_size], str(state)) for i in pending]
 
     from tqdm.auto import tqdm

@@ -125,6 +125,18 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     assert not list(chunks.glob("*.tmp")) and not list(chunks.glob(".*.tmp"))
 
 
+def test_resume_removes_a_killed_writers_temp_files_of_its_own_chunks_only(tmp_path):
+    chunks = tmp_path / "t" / ".build" / "chunks"
+    chunks.mkdir(parents=True)
+    mine = chunks / ".00000.parquet.k1ll3d.tmp"  # chunk 0 belongs to shard 0 of 2
+    other = chunks / ".00001.parquet.wr1t1ng.tmp"  # chunk 1: shard 1 may be writing it right now
+    for path in (mine, other):
+        path.write_bytes(b"partial")
+    build_dataset(config(tmp_path, "t", num_shards=2, shard_index=0))
+    assert not mine.exists() and other.exists()
+    assert (chunks / "00000.done.json").exists() and not (chunks / "00001.done.json").exists()
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     build_dataset(config(tmp_path, "x", source={"kind": "procedural", "num_scenes": 4}))
     with pytest.raises(ValueError, match="render"):
