@@ -181,7 +181,7 @@ def judge_methods(
     from coherendream.critic.batch import score_items
     from coherendream.eval.elo import fit_elo
     from coherendream.eval.report import Report, image_grid_png, write_results
-    from coherendream.eval.t3bench import EvalItemError, prompt_slugs, read_prompt_file
+    from coherendream.eval.t3bench import EvalItemError, prompt_slugs, read_prompts
 
     from coherendream.cameras import Camera
 
@@ -198,13 +198,7 @@ def judge_methods(
     anchor = anchor or next(iter(methods))
     if anchor not in methods:
         raise ValueError(f"anchor {anchor!r} is not one of the methods {list(methods)}")
-    set_name = None
-    if isinstance(prompts, (str, Path)):
-        set_name = Path(prompts).stem
-        prompts = read_prompt_file(prompts)
-    prompts = [" ".join(str(p).split()) for p in prompts]
-    if not prompts or not all(prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty prompts")
+    prompts, set_name = read_prompts(prompts)
 
     # The side-by-side scorer is built first: a tokenizer without A/B fails before any rendering.
     judge = side_by_side_scorer(scorer) if mode == "side_by_side" else scorer

@@ -87,6 +87,7 @@ __all__ = [
     "prompt_slugs",
     "quality_proxy",
     "read_prompt_file",
+    "read_prompts",
     "render_cameras",
     "resolve_output",
     "run_t3bench",
@@ -125,6 +126,20 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"prompt file {path}: holds no prompts (empty or blank lines only); expected one prompt per line")
     return prompts
+
+
+def read_prompts(prompts: Sequence[str] | str | Path) -> tuple[list[str], str | None]:
+    """``(prompts, set_name)`` from a prompt file (set name: its stem) or a list (set name None).
+
+    Whitespace is collapsed. Raises ValueError when the list is empty or holds an empty prompt
+    (a file is checked by :func:`read_prompt_file`).
+    """
+    if isinstance(prompts, (str, Path)):
+        return read_prompt_file(prompts), Path(prompts).stem
+    prompts = [" ".join(str(p).split()) for p in prompts]
+    if not prompts or not all(prompts):
+        raise ValueError("prompts must be a non-empty list of non-empty prompts")
+    return prompts, None
 
 
 def slugify(text: str, max_len: int = 80) -> str:
