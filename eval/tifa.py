@@ -142,13 +142,16 @@ def _procedural_questions(cap: Any, contrast: bool) -> list[Question]:
     for shape in dict.fromkeys(shapes_in):
         qs.append(Question(f"Is there {_article(shape)} {shape}?", "yes", shape, "object"))
     # Colours: per group; with two groups of one shape "the cube" is ambiguous, so ask existence.
-    for g in groups:
+    def colour_question(g, color: str, answer: str) -> Question:
         noun = g.shape if g.count == 1 else SHAPES[g.shape]
         if shared:
-            q = f"Is there {_article(g.color)} {g.color} {g.shape}?" if g.count == 1 else f"Are there {g.color} {noun}?"
+            q = f"Is there {_article(color)} {color} {g.shape}?" if g.count == 1 else f"Are there {color} {noun}?"
         else:
-            q = f"Is the {noun} {g.color}?" if g.count == 1 else f"Are the {noun} {g.color}?"
-        qs.append(Question(q, "yes", f"{g.color} {noun}", "colour"))
+            q = f"Is the {noun} {color}?" if g.count == 1 else f"Are the {noun} {color}?"
+        return Question(q, answer, f"{color} {noun}", "colour")
+
+    for g in groups:
+        qs.append(colour_question(g, g.color, "yes"))
     # Counts: total of each shape over the groups (two groups of one shape add up).
     totals: dict[str, int] = {}
     for g in groups:
@@ -179,12 +182,7 @@ def _procedural_questions(cap: Any, contrast: bool) -> list[Question]:
         if wrong is None:
             continue
         asked.add((g.shape, wrong))
-        noun = g.shape if g.count == 1 else SHAPES[g.shape]
-        if shared:
-            q = f"Is there {_article(wrong)} {wrong} {g.shape}?" if g.count == 1 else f"Are there {wrong} {noun}?"
-        else:
-            q = f"Is the {noun} {wrong}?" if g.count == 1 else f"Are the {noun} {wrong}?"
-        qs.append(Question(q, "no", f"{wrong} {noun}", "colour"))
+        qs.append(colour_question(g, wrong, "no"))
     for shape, n in totals.items():
         qs.append(Question(f"Are there {_NUMBER_WORD[n + 1]} {SHAPES[shape]}?", "no", f"{n + 1} {shape}", "count"))
     if cap.relation in _OPPOSITE:
@@ -584,19 +582,13 @@ def run_tifa(
         group_images,
         load_asset_views,
         prompt_slugs,
-        read_prompt_file,
+        read_prompts,
         resolve_output,
     )
 
     from coherendream.cameras import Camera
 
-    set_name = None
-    if isinstance(prompts, (str, Path)):
-        set_name = Path(prompts).stem
-        prompts = read_prompt_file(prompts)
-    prompts = [" ".join(str(p).split()) for p in prompts]
-    if not prompts or not all(prompts):
-        raise ValueError("prompts must be a non-empty list of non-empty prompts")
+    prompts, set_name = read_prompts(prompts)
     generator = generator or RuleQuestionGenerator()
     v = int(scorer.config.num_views)
     cams = [Camera.orbit(360.0 * i / v, elevation, distance, fov_y, resolution) for i in range(v)]
