@@ -216,9 +216,9 @@ def with_caption_rows(ds):
         num_views = len(row.get("views") or row["images"])
         prompts.append(prompt_messages(format_describe(num_views), len(row["images"])))
         completions.append(completion_messages(row["true_caption"]))
-    keep = ["images", "prompt", "completion"]
+    rows = ds.select_columns(["images", "prompt", "completion"])
     captions = picked.select_columns(["images"]).add_column("prompt", prompts).add_column("completion", completions)
-    return concatenate_datasets([ds.select_columns(keep), captions.cast(ds.select_columns(keep).features)])
+    return concatenate_datasets([rows, captions.cast(rows.features)])
 
 
 def to_preference_rows(ds):
