@@ -6,18 +6,72 @@ Used wherever the toolkit asks an LLM for something it then validates (layouts, 
   ``base_url``), with the ``openai`` client;
 * :class:`TransformersChat` -- a local ``transformers`` chat model, decoded greedily.
 
-Both return the raw answer text; what is done with it (parsing, validation, retries, a rule-based
-fallback) belongs to the caller, since LLM output is untrusted input.
+Both return the raw answer text. :func:`ask_until_valid` is the loop the callers share: parse the
+answer with the caller's validator and, when it is invalid, ask again with the answer and the
+reason shown. What the parsed value is, and the rule-based fallback when every attempt fails,
+belong to the caller, since LLM output is untrusted input.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 
 class LLMError(ValueError):
     """The endpoint or model gave no usable answer (no choices, no text, no chat template)."""
+
+
+class Attempts(NamedTuple):
+    """What :func:`ask_until_valid` got: ``value`` (None when no attempt was valid), the number of
+    the attempt that gave it (``max_attempts`` when none did), one error line per failed attempt,
+    and every raw answer received."""
+
+    value: Any
+    attempt: int
+    errors: list[str]
+    answers: list[str]
+
+
+def feedback_turns(answer: str, error: str) -> list[dict[str, str]]:
+    """Turns that show the model its invalid answer and why, so a greedy retry does not repeat it."""
+    return [
+        {"role": "assistant", "content": answer[:4000]},
+        {"role": "user", "content": f"That answer is invalid: {error[:1000]}\nAnswer again with a corrected JSON object only."},
+    ]
+
+
+def ask_until_valid(
+    complete: Callable[[list[dict[str, str]]], str],
+    messages: list[dict[str, str]],
+    parse: Callable[[str], Any],
+    invalid: type[Exception] | tuple[type[Exception], ...],
+    max_attempts: int,
+) -> Attempts:
+    """Ask up to ``max_attempts`` times until ``parse(answer)`` succeeds.
+
+    A request that raises is a failed attempt (the run goes on); an answer for which ``parse``
+    raises ``invalid`` is a failed attempt whose answer and error are shown to the model before the
+    next one (:func:`feedback_turns`).
+    """
+    errors: list[str] = []
+    answers: list[str] = []
+    for attempt in range(1, max_attempts + 1):
+        try:
+            answer = complete(messages)
+        except Exception as e:  # noqa: BLE001 -- a failed request is one failed attempt, not a crash of the run
+            errors.append(f"attempt {attempt}: request failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        answers.append(answer)
+        try:
+            value = parse(answer)
+        except invalid as e:
+            errors.append(f"attempt {attempt}: {e}")
+            messages = messages + feedback_turns(answer, str(e))
+            continue
+        return Attempts(value, attempt, errors, answers)
+    return Attempts(None, max_attempts, errors, answers)
 
 
 class OpenAIChat:

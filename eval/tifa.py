@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.io import write_json, write_jsonl
-from coherendream.llm import OpenAIChat, TransformersChat
+from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid
 
 logger = logging.getLogger(__name__)
 
@@ -407,29 +407,13 @@ class _RetryingGenerator:
         raise NotImplementedError
 
     def generate(self, prompt: str) -> QuestionSet:
-        messages = build_messages(prompt, self.max_questions)
-        errors: list[str] = []
-        answers: list[str] = []
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                answer = self._complete(messages)
-            except Exception as e:  # noqa: BLE001 -- a failed request is one failed attempt, not a crash of the run
-                errors.append(f"attempt {attempt}: request failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            answers.append(answer)
-            try:
-                qs = parse_llm_questions(answer, self.max_questions)
-            except QuestionError as e:
-                errors.append(f"attempt {attempt}: {e}")
-                messages = messages + [
-                    {"role": "assistant", "content": answer[:4000]},
-                    {"role": "user", "content": f"That answer is invalid: {str(e)[:1000]}\nAnswer again with a corrected JSON object only."},
-                ]
-                continue
-            return QuestionSet(prompt, qs, "llm", attempt, errors, answers)
-        logger.warning("question generation for %r fell back to the rules: %s", prompt[:80], errors[-1] if errors else "?")
+        asked = ask_until_valid(self._complete, build_messages(prompt, self.max_questions),
+                                lambda answer: parse_llm_questions(answer, self.max_questions), QuestionError, self.max_attempts)
+        if asked.value is not None:
+            return QuestionSet(prompt, asked.value, "llm", asked.attempt, asked.errors, asked.answers)
+        logger.warning("question generation for %r fell back to the rules: %s", prompt[:80], asked.errors[-1] if asked.errors else "?")
         result = self.fallback.generate(prompt)
-        return QuestionSet(prompt, result.questions, "fallback", self.max_attempts, errors, answers)
+        return QuestionSet(prompt, result.questions, "fallback", self.max_attempts, asked.errors, asked.answers)
 
 
 class OpenAIQuestionGenerator(_RetryingGenerator):

@@ -22,7 +22,7 @@ from coherendream.generation.layout import (
 )
 from coherendream.generation.layout_rules import RuleBasedPlanner
 
-from coherendream.llm import OpenAIChat, TransformersChat
+from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid
 
 _EXAMPLE_PROMPT = "a red cube to the left of a blue sphere on a wooden table"
 _EXAMPLE_LAYOUT = {
@@ -71,14 +71,6 @@ def build_messages(prompt: str, system_prompt: str = SYSTEM_PROMPT) -> list[dict
     ]
 
 
-def _feedback(answer: str, error: str) -> list[dict[str, str]]:
-    """Turns that show the model its invalid answer and why, so a greedy retry does not repeat it."""
-    return [
-        {"role": "assistant", "content": answer[:4000]},
-        {"role": "user", "content": f"That answer is invalid: {error[:1000]}\nAnswer again with a corrected JSON object only."},
-    ]
-
-
 class _RetryingPlanner:
     """Shared retry/fallback loop; subclasses implement :meth:`_complete`."""
 
@@ -103,27 +95,17 @@ class _RetryingPlanner:
         raise NotImplementedError
 
     def plan(self, prompt: str) -> LayoutResult:
-        messages = build_messages(prompt, self.system_prompt)
-        errors: list[str] = []
-        answers: list[str] = []
-        for attempt in range(1, self.max_attempts + 1):
-            try:
-                answer = self._complete(messages)
-            except Exception as e:  # a failed request is one failed attempt, not a crash of the run
-                errors.append(f"attempt {attempt}: request failed: {type(e).__name__}: {str(e)[:300]}")
-                continue
-            answers.append(answer)
-            try:
-                layout, repairs = parse_layout_text(answer, repair=self.repair, max_overlap=self.max_overlap)
-            except LayoutError as e:
-                errors.append(f"attempt {attempt}: {e}")
-                messages = messages + _feedback(answer, str(e))
-                continue
-            return LayoutResult(layout=layout, source="llm", attempts=attempt, errors=errors, repairs=repairs, raw_answers=answers)
+        asked = ask_until_valid(self._complete, build_messages(prompt, self.system_prompt),
+                                lambda answer: parse_layout_text(answer, repair=self.repair, max_overlap=self.max_overlap),
+                                LayoutError, self.max_attempts)
+        if asked.value is not None:
+            layout, repairs = asked.value
+            return LayoutResult(layout=layout, source="llm", attempts=asked.attempt, errors=asked.errors, repairs=repairs,
+                                raw_answers=asked.answers)
         result = self.fallback.plan(prompt)
         return LayoutResult(
-            layout=result.layout, source="fallback", attempts=self.max_attempts, errors=errors,
-            repairs=result.repairs, raw_answers=answers,
+            layout=result.layout, source="fallback", attempts=self.max_attempts, errors=asked.errors,
+            repairs=result.repairs, raw_answers=asked.answers,
         )
 
 
