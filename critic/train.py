@@ -22,6 +22,7 @@ the trained model is scored exactly as an SFT critic is (``Critic.score``).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -86,7 +87,7 @@ class CriticTrainConfig:
     projector_lr: float | None = 2e-5  # LLaVA's mm_projector_lr; None: the projector uses learning_rate
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False
-    resume_from_checkpoint: str | None = "auto"  # "auto": the last checkpoint in output_dir, if any
+    resume_from_checkpoint: str | None = "auto"  # "auto": the last complete checkpoint in output_dir, if any
     output_dir: str = "outputs/critic"
     training: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig arguments
 
@@ -303,17 +304,35 @@ def critic_config_for(config: CriticTrainConfig):
     return CriticConfig(num_views=views, image_mode="grid" if images == 1 else "views", add_special_tokens=False)
 
 
+def last_complete_checkpoint(output_dir: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``output_dir`` whose ``trainer_state.json`` parses, or None.
+
+    ``transformers.trainer_utils.get_last_checkpoint`` returns the newest folder whatever is in it;
+    the Trainer writes ``trainer_state.json`` last, so a run killed while saving leaves a newer
+    folder without that file, or with it cut short, and resuming from it would fail.
+    """
+    complete = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match is None or not path.is_dir():
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        complete.append((int(match.group(1)), path))
+    return str(max(complete)[1]) if complete else None
+
+
 def train_critic(config: CriticTrainConfig) -> Path:
     """Train, save the adapter (or full model) and processor in ``output_dir``; returns it."""
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "coherendream_train_config.yaml", dump_yaml(config))
     trainer = make_trainer(config)
     resume = config.resume_from_checkpoint
     if resume == "auto":
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        resume = last_complete_checkpoint(out)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     processor = trainer.processing_class

@@ -203,6 +203,19 @@ def test_resume_after_kill_continues_step_and_optimizer(tmp_path, tiny, dataset)
     assert steps == {float(resumed_from + 20)}
 
 
+def test_auto_resume_skips_a_checkpoint_cut_short_by_a_kill(tmp_path):
+    from coherendream.critic.train import last_complete_checkpoint
+
+    assert last_complete_checkpoint(tmp_path) is None
+    for step, state in ((10, '{"global_step": 10}'), (20, '{"global_step": 20}'), (30, ""), (40, None)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:  # 30: killed while writing trainer_state.json; 40: killed before it
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-99-old").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-20")
+
+
 def test_tensorboard_logging(tmp_path, tiny, dataset):
     out = train_critic(train_config(tiny, dataset, tmp_path / "tb", max_steps=4, report_to="tensorboard"))
     events = list((out / "runs").rglob("events.out.tfevents.*"))
