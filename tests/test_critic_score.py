@@ -10,6 +10,7 @@ import torch
 
 from coherendream.critic import Critic, CriticConfig, build_tiny_critic, resolve_answer_token_ids
 from coherendream.grid import GridLayout, tile
+from coherendream.prompts import prompt_messages
 
 # Prompts of clearly different token lengths, so a batch needs padding.
 PROMPTS = ["one torus", "two blue spheres to the left of a green cone", "a red cube on top of a yellow cylinder"]
@@ -147,6 +148,42 @@ def test_views_mode_sends_one_image_per_view(critic):
         grid = critic.score(views, PROMPTS[:2])
     torch.testing.assert_close(out.margin[1:], single.margin, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out.margin, grid.margin)
+
+
+@pytest.mark.parametrize("image_mode", ["grid", "views"])
+def test_prompt_ids_after_the_first_call_equal_the_processors(critic, image_mode):
+    """Later calls expand <image> themselves instead of preprocessing blank images: same ids."""
+    fresh = Critic(critic.model, critic.processor, CriticConfig(image_mode=image_mode))
+    first = fresh.encode_prompts(PROMPTS[:1])
+    assert fresh._tokens_per_image == 64  # learnt and checked on the first call
+    later = fresh.encode_prompts(PROMPTS)
+    n_images = fresh.config.images_per_sample
+    texts = [
+        fresh.processor.apply_chat_template(prompt_messages(q, n_images), add_generation_prompt=True, tokenize=False)
+        for q in fresh.questions(PROMPTS)
+    ]
+    blank = np.zeros((64, 64, 3), dtype=np.uint8)
+    assert all(t.startswith(fresh.tokenizer.bos_token) for t in texts)  # so no second BOS from the tokenizer
+    reference = fresh.processor(
+        text=texts, images=[[blank] * n_images] * 3, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt"
+    )
+    assert torch.equal(later["input_ids"], reference["input_ids"])
+    assert torch.equal(later["attention_mask"], reference["attention_mask"])
+    assert torch.equal(first["input_ids"], reference["input_ids"][:1, : first["input_ids"].shape[1]])
+
+
+def test_prompt_ids_keep_using_the_processor_when_expanding_by_hand_differs(critic, monkeypatch):
+    fresh = Critic(critic.model, critic.processor, CriticConfig())
+    # A processor that adds something besides the image tokens: expanding by hand would be wrong.
+    real_call = type(critic.processor).__call__
+    monkeypatch.setattr(
+        type(critic.processor), "__call__", lambda self, text, **kw: real_call(self, text=[t + " cube" for t in text], **kw)
+    )
+    cube = critic.tokenizer.convert_tokens_to_ids("cube")
+    for _ in range(2):  # the first call finds the mismatch, the second still goes through the processor
+        ids = fresh.encode_prompts(["one torus"])["input_ids"]
+        assert fresh._tokens_per_image == 0
+        assert ids[0, -1] == cube
 
 
 def _rms_norm_in_input_precision(self, hidden_states):
