@@ -84,6 +84,10 @@ class CriticTrainConfig:
     # feature-alignment task as an auxiliary loss, a token-level signal for colours, shapes, counts
     # and relations that a one-token yes/no answer gives only one bit of
     caption_rows: bool = False
+    # answer negatives "No, <true caption>" instead of "No" (not multiview_mix rows, which mix two
+    # assets): the model has to name what is really there, so the loss says which words of the
+    # caption were wrong; P(yes) is still read at the first answer token
+    correction_answers: bool = False
     projector_lr: float | None = 2e-5  # LLaVA's mm_projector_lr; None: the projector uses learning_rate
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False
@@ -180,9 +184,12 @@ def load_rows(config: CriticTrainConfig):
     if evaluation is not None and config.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
     keep = ["images", "prompt", "completion"]
+    for flag in ("caption_rows", "correction_answers"):
+        if getattr(config, flag) and config.mode == "dpo":
+            raise ValueError(f"{flag} is an SFT auxiliary task; it has no preference form (use mode=sft)")
+    if config.correction_answers:
+        train = with_correction_answers(train)
     if config.caption_rows:
-        if config.mode == "dpo":
-            raise ValueError("caption_rows is an SFT auxiliary task; it has no preference form (use mode=sft)")
         train = with_caption_rows(train)
     if config.mode == "dpo":
         train, evaluation = to_preference_rows(train), (to_preference_rows(evaluation) if evaluation is not None else None)
@@ -220,6 +227,26 @@ def with_caption_rows(ds):
     rows = ds.select_columns(["images", "prompt", "completion"])
     captions = picked.select_columns(["images"]).add_column("prompt", prompts).add_column("completion", completions)
     return concatenate_datasets([rows, captions.cast(rows.features)])
+
+
+def with_correction_answers(ds):
+    """``ds`` with every negative row (except ``multiview_mix``) answered ``"No, <true caption>"``.
+
+    Needs the builder's ``label``, ``negative_type`` and ``true_caption`` columns; positives keep
+    their answer. The completion column is rebuilt from those columns alone (no image is decoded).
+    """
+    missing = {"label", "negative_type", "true_caption"} - set(ds.column_names)
+    if missing:
+        raise ValueError(f"correction_answers needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
+    columns = ds.select_columns(["label", "negative_type", "true_caption", "completion"])
+    completions = []
+    for row in columns:
+        if row["label"] == 0 and row["negative_type"] != "multiview_mix" and row["true_caption"]:
+            completions.append(completion_messages(f"{ANSWER_NO}, {row['true_caption']}"))
+        else:
+            completions.append(row["completion"])
+    feature = ds.features["completion"]
+    return ds.remove_columns("completion").add_column("completion", completions, feature=feature)
 
 
 def to_preference_rows(ds):

@@ -139,6 +139,45 @@ def test_caption_rows_add_one_description_per_asset(tiny, dataset):
         load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, caption_rows=True, mode="dpo"))
 
 
+def test_correction_answers_name_the_true_caption_on_negatives(tiny, dataset):
+    from coherendream.critic.train import load_rows
+
+    plain, _ = load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None))
+    corrected, _ = load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, correction_answers=True))
+    rows = load_built_dataset(dataset)["train"].select_columns(["label", "negative_type", "true_caption", "caption"])
+    assert len(corrected) == len(plain) == len(rows)
+    answers = [r["completion"][0]["content"][0]["text"] for r in corrected.select_columns(["completion"])]
+    kinds = set()
+    for meta, answer in zip(rows, answers):
+        if meta["label"] == 1:
+            assert answer == "Yes"
+        elif meta["negative_type"] == "multiview_mix":  # views of two assets: no single true caption
+            assert answer == "No"
+        else:
+            kinds.add(meta["negative_type"])
+            assert answer == f"No, {meta['true_caption']}" and meta["true_caption"] != meta["caption"]
+    assert {"color", "object"} <= kinds
+    # prompts and images untouched
+    assert corrected[0]["prompt"] == plain[0]["prompt"]
+    assert list(corrected[0]["images"][0].getdata()) == list(plain[0]["images"][0].getdata())
+    with pytest.raises(ValueError, match="correction_answers"):
+        load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, correction_answers=True, mode="dpo"))
+
+
+def test_correction_answers_train_on_the_whole_answer(tmp_path, tiny, dataset):
+    from coherendream.critic.train import make_trainer
+
+    cfg = train_config(tiny, dataset, tmp_path / "correct", max_steps=1)
+    cfg.correction_answers = True
+    trainer = make_trainer(cfg)
+    batch = next(iter(trainer.get_train_dataloader()))
+    tok = trainer.processing_class.tokenizer
+    answers = [tok.decode(ids[labels != -100]) for ids, labels in zip(batch["input_ids"], batch["labels"])]
+    # the loss covers "No, <caption>" on negatives (more than the answer word and end of turn)
+    long = [a for a in answers if a.startswith("No,")]
+    assert long and all(len(a.split()) > 4 for a in long), answers
+
+
 @pytest.mark.parametrize("use_lora", [False, True])
 def test_unfrozen_vision_tower_trains(tmp_path, tiny, dataset, use_lora):
     from coherendream.critic.train import make_trainer
