@@ -9,15 +9,20 @@
 #
 #   bash benchmarks/train_embedded_critic.sh                 # work in /tmp/emb, install to critic/embedded
 #   WORK=/tmp/x DEST=/tmp/x/final bash benchmarks/train_embedded_critic.sh
+#   TEXT_HIDDEN=192 THREADS=2 WORK=/tmp/emb192 DEST=/tmp/emb192/final bash benchmarks/train_embedded_critic.sh
 #
-# One torch thread (OMP_NUM_THREADS=1) so that a 2-core machine keeps a core for other work.
+# THREADS torch threads (default 1, so that a 2-core machine keeps a core for other work).
+# TEXT_HIDDEN is the text model's width (default 96, the shipped critic; 192 is the wider variant
+# in critic/embedded/README.md: better on negatives, about an hour of training with THREADS=2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CD=${CD:-.venv/bin/coherendream}
 WORK=${WORK:-/tmp/emb}
 DEST=${DEST:-critic/embedded}
-export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+THREADS=${THREADS:-1}
+TEXT_HIDDEN=${TEXT_HIDDEN:-96}
+export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$WORK"
 t0=$(date +%s)
 
@@ -28,9 +33,9 @@ $CD data build -c configs/data/embedded_stage4.yaml -o "$WORK/stage4"
 $CD data build -c configs/data/embedded_test.yaml -o "$WORK/test"
 t1=$(date +%s)
 
-# 2. random tiny critic: text 96 x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained in stage 5),
+# 2. random tiny critic: text $TEXT_HIDDEN (default 96) x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained in stage 5),
 #    64 px, patch 8, initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
-$CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden 96 --text-layers 3 \
+$CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden "$TEXT_HIDDEN" --text-layers 3 \
     --vision-hidden 192 --vision-layers 1 --initializer-range 0.1 --seed 0
 
 # 3. curriculum
