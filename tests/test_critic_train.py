@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -134,7 +135,7 @@ def test_caption_rows_add_one_description_per_asset(tiny, dataset):
     # the description is asked about the asset's own views
     first = added[0]
     match = next(r for r in first_positive.values() if r["true_caption"] == first["completion"][0]["content"][0]["text"])
-    assert list(first["images"][0].getdata()) == list(match["images"][0].getdata())
+    assert np.array_equal(np.asarray(first["images"][0]), np.asarray(match["images"][0]))
     with pytest.raises(ValueError, match="caption_rows"):
         load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, caption_rows=True, mode="dpo"))
 
@@ -159,7 +160,7 @@ def test_correction_answers_name_the_true_caption_on_negatives(tiny, dataset):
     assert {"color", "object"} <= kinds
     # prompts and images untouched
     assert corrected[0]["prompt"] == plain[0]["prompt"]
-    assert list(corrected[0]["images"][0].getdata()) == list(plain[0]["images"][0].getdata())
+    assert np.array_equal(np.asarray(corrected[0]["images"][0]), np.asarray(plain[0]["images"][0]))
     with pytest.raises(ValueError, match="correction_answers"):
         load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, correction_answers=True, mode="dpo"))
 
