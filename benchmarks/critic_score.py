@@ -2,6 +2,7 @@
 
     python benchmarks/critic_score.py --tiny [--samples 32] [--batch-sizes 8 1] [--max-new-tokens 16]
     python benchmarks/critic_score.py --model llava-hf/llava-1.5-7b-hf --device cuda [--adapter DIR]
+    python benchmarks/critic_score.py --random-llava15-7b --device cuda   # same shapes, random weights, no download
 
 Three ways to get a yes/no judgement for the same N (views, caption) samples from the same model:
 
@@ -250,6 +251,9 @@ def main() -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", help="critic checkpoint (hub id or folder), e.g. llava-hf/llava-1.5-7b-hf")
     source.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA critic offline and use it")
+    source.add_argument("--random-llava15-7b", action="store_true",
+                        help="build a random model with LLaVA-1.5-7B's shapes (bf16, ~14 GB on disk) offline and use it: "
+                             "the same cost per step as the real model where the hub cannot be reached")
     parser.add_argument("--adapter", default=None, help="PEFT adapter folder on top of --model")
     parser.add_argument("--tiny-image-size", type=int, default=64, help="image size of the tiny critic (default 64)")
     parser.add_argument("--tiny-patch-size", type=int, default=8,
@@ -274,8 +278,8 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    if not (args.model or args.tiny):
-        parser.error("give --model PATH or --tiny")
+    if not (args.model or args.tiny or args.random_llava15_7b):
+        parser.error("give --model PATH, --tiny or --random-llava15-7b")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -285,6 +289,11 @@ def main() -> None:
             from coherendream.critic import build_tiny_critic
 
             model = str(build_tiny_critic(Path(tmp) / "tiny", image_size=args.tiny_image_size, patch_size=args.tiny_patch_size))
+        elif args.random_llava15_7b:
+            from coherendream.critic.tiny import LLAVA15_7B_SHAPES, build_tiny_critic
+
+            print("building a random LLaVA-1.5-7B-shaped critic ...", file=sys.stderr, flush=True)
+            model = str(build_tiny_critic(Path(tmp) / "random-llava15-7b", **LLAVA15_7B_SHAPES, dtype=torch.bfloat16))
         base = {"model": model, "adapter": args.adapter, "device": device, "dtype": args.dtype, "samples": args.samples,
                 "view_size": args.view_size, "seed": args.seed, "repeats": args.repeats, "threads": args.threads,
                 "max_new_tokens": args.max_new_tokens, "allow_early_stop": args.allow_early_stop}
@@ -302,6 +311,8 @@ def main() -> None:
     dev = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads: {args.threads or torch.get_num_threads()})"
     tokens = (args.tiny_image_size // args.tiny_patch_size) ** 2
     name = f"tiny random LLaVA ({args.tiny_image_size} px, {tokens} image tokens)" if args.tiny else args.model
+    if args.random_llava15_7b:
+        name = "random weights in LLaVA-1.5-7B's shapes (336 px, 576 image tokens, 7.06 B parameters)"
     print(f"model: {name}; device: {dev}; "
           f"{args.samples} samples of 4 views at {args.view_size} px; median of {args.repeats} interleaved rounds after a warm-up batch; "
           f"generate: max_new_tokens={args.max_new_tokens}{'' if args.allow_early_stop else ' (forced: min_new_tokens = max_new_tokens)'}")

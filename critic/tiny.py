@@ -151,6 +151,75 @@ def build_tokenizer(vocab_words: Iterable[str] | None = None):
     return tokenizer
 
 
+# LLaVA-1.5-7B's shapes (CLIP ViT-L/14 at 336 px, 576 image tokens; Llama-2-7B; 32064-token vocabulary)
+# for build_tiny_critic(**LLAVA15_7B_SHAPES): a random model that costs what the real one costs per step.
+LLAVA15_7B_SHAPES = dict(
+    image_size=336, patch_size=14,
+    vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+    text_hidden=4096, text_layers=32, num_heads=32, text_intermediate=11008, vocab_size=32064,
+)
+
+
+def tiny_critic_config(
+    tokenizer,
+    image_size: int = 64,
+    text_hidden: int = 64,
+    text_layers: int = 2,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    patch_size: int = 8,
+    num_heads: int = 4,
+    initializer_range: float = 0.02,
+    text_intermediate: int | None = None,
+    vision_intermediate: int | None = None,
+    vision_heads: int | None = None,
+    vocab_size: int | None = None,
+):
+    """The ``LlavaConfig`` that :func:`build_tiny_critic` instantiates (arguments described there)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    if image_size % patch_size:
+        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
+    vision_heads = vision_heads or num_heads
+    if text_hidden % num_heads or vision_hidden % vision_heads:
+        raise ValueError(
+            f"hidden sizes {text_hidden}, {vision_hidden} must be multiples of their head counts {num_heads}, {vision_heads}"
+        )
+    num_image_tokens = (image_size // patch_size) ** 2
+    text_config = LlamaConfig(
+        vocab_size=max(len(tokenizer), vocab_size or 0),
+        hidden_size=text_hidden,
+        intermediate_size=text_intermediate or 2 * text_hidden,
+        num_hidden_layers=text_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max(512, 4 * num_image_tokens),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        initializer_range=initializer_range,
+    )
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=vision_intermediate or 2 * vision_hidden,
+        projection_dim=vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=vision_heads,
+        image_size=image_size,
+        patch_size=patch_size,
+        initializer_range=initializer_range,
+    )
+    return LlavaConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=num_image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1 if vision_layers == 1 else -2,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def build_tiny_critic(
     save_dir: str | Path,
     vocab_words: Iterable[str] | None = None,
@@ -163,6 +232,11 @@ def build_tiny_critic(
     seed: int = 0,
     num_heads: int = 4,
     initializer_range: float = 0.02,
+    text_intermediate: int | None = None,
+    vision_intermediate: int | None = None,
+    vision_heads: int | None = None,
+    vocab_size: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Build a random tiny LLaVA critic and save it to ``save_dir``; returns the directory.
 
@@ -172,62 +246,29 @@ def build_tiny_critic(
     dropped: ``vision_feature_select_strategy="default"``). ``initializer_range`` is the std of the
     random weights: larger values give a less uniform random critic (useful in tests where outputs
     should depend visibly on the input).
-    """
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
 
-    if image_size % patch_size:
-        raise ValueError(f"image_size {image_size} must be a multiple of patch_size {patch_size}")
-    if text_hidden % num_heads or vision_hidden % num_heads:
-        raise ValueError(f"hidden sizes {text_hidden}, {vision_hidden} must be multiples of num_heads {num_heads}")
-    save_dir = Path(save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
+    The remaining arguments give a random model the shapes of a real one, for speed and memory
+    benchmarks with no weights to download (``build_tiny_critic(dir, **LLAVA15_7B_SHAPES,
+    dtype=torch.bfloat16)``): MLP widths (default twice the hidden size), the vision tower's heads
+    (default ``num_heads``), a vocabulary padded to ``vocab_size`` rows (the word-level tokenizer
+    uses the first few) and the saved ``dtype``.
+    """
+    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = build_tokenizer(vocab_words)
-    num_image_tokens = (image_size // patch_size) ** 2
-    text_config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=2 * text_hidden,
-        num_hidden_layers=text_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
-        max_position_embeddings=max(512, 4 * num_image_tokens),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        initializer_range=initializer_range,
+    config = tiny_critic_config(
+        tokenizer, image_size=image_size, text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden,
+        vision_layers=vision_layers, patch_size=patch_size, num_heads=num_heads, initializer_range=initializer_range,
+        text_intermediate=text_intermediate, vision_intermediate=vision_intermediate, vision_heads=vision_heads,
+        vocab_size=vocab_size,
     )
-    vision_config = CLIPVisionConfig(
-        hidden_size=vision_hidden,
-        intermediate_size=2 * vision_hidden,
-        projection_dim=vision_hidden,
-        num_hidden_layers=vision_layers,
-        num_attention_heads=num_heads,
-        image_size=image_size,
-        patch_size=patch_size,
-        initializer_range=initializer_range,
-    )
-    config = LlavaConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=num_image_tokens,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1 if vision_layers == 1 else -2,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
     # A fixed seed makes the random weights, and so every score of the tiny critic, reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaForConditionalGeneration(config)
-    model.eval()
+    model.to(dtype).eval()
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},

@@ -172,3 +172,32 @@ def test_build_tiny_command_takes_the_model_sizes(tmp_path):
     text, vision = config["text_config"], config["vision_config"]
     assert (text["hidden_size"], text["num_hidden_layers"], text["initializer_range"]) == (48, 3, 0.1)
     assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"], vision["image_size"]) == (24, 1, 4, 32)
+
+
+def test_llava15_7b_shapes_give_its_exact_parameter_count():
+    """A random model with LLaVA-1.5-7B's shapes (for GPU benchmarks without a download) costs what it costs."""
+    from transformers import LlavaForConditionalGeneration
+
+    from coherendream.critic.tiny import LLAVA15_7B_SHAPES, tiny_critic_config
+
+    config = tiny_critic_config(build_tokenizer(), **LLAVA15_7B_SHAPES)
+    with torch.device("meta"):  # shapes only, no memory
+        model = LlavaForConditionalGeneration(config)
+    # llava-hf/llava-1.5-7b-hf: 7,063,427,072 parameters (CLIP ViT-L/14-336 + 2-layer MLP + Llama-2-7B, 32064 tokens)
+    assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
+    assert config.image_seq_length == 576 and config.vision_feature_layer == -2
+
+
+def test_shape_arguments_reach_the_saved_model(tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    path = build_tiny_critic(tmp_path / "shaped", text_hidden=32, text_intermediate=80, vision_hidden=48,
+                             vision_intermediate=40, vision_heads=6, num_heads=4, vocab_size=500, dtype=torch.bfloat16)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    cfg = model.config
+    assert (cfg.text_config.intermediate_size, cfg.vision_config.intermediate_size) == (80, 40)
+    assert cfg.vision_config.num_attention_heads == 6 and cfg.text_config.num_attention_heads == 4
+    assert model.get_input_embeddings().weight.shape[0] == 500  # padded past the word-level vocabulary
+    assert model.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="head counts"):
+        build_tiny_critic(tmp_path / "bad", vision_hidden=48, vision_heads=5)
