@@ -253,7 +253,7 @@ def build_tiny_critic(
     (default ``num_heads``), a vocabulary padded to ``vocab_size`` rows (the word-level tokenizer
     uses the first few) and the saved ``dtype``.
     """
-    from transformers import CLIPImageProcessor, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import AutoModelForImageTextToText, CLIPImageProcessor, LlavaProcessor
 
     tokenizer = build_tokenizer(vocab_words)
     config = tiny_critic_config(
@@ -267,8 +267,9 @@ def build_tiny_critic(
     # A fixed seed makes the random weights, and so every score of the tiny critic, reproducible.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
-    model.to(dtype).eval()
+        # built in the target dtype: a 7B-shaped model would need 28 GB in float32 first
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.eval()
 
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
