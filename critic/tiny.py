@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -175,7 +176,17 @@ def tiny_critic_config(
     vision_heads: int | None = None,
     vocab_size: int | None = None,
 ):
-    """The ``LlavaConfig`` that :func:`build_tiny_critic` instantiates (arguments described there)."""
+    """The ``LlavaConfig`` of a random critic: Llama text model + CLIP vision tower + LLaVA projector.
+
+    Images are ``image_size`` pixels square, cut into ``(image_size // patch_size) ** 2`` patches,
+    each one image token in the text (the CLS token is dropped: ``vision_feature_select_strategy=
+    "default"``). ``initializer_range`` is the std of the random weights: larger values give a less
+    uniform random critic (useful in tests where outputs should depend visibly on the input).
+    ``num_heads`` is the text model's head count and, unless ``vision_heads`` is given, the vision
+    tower's. The MLP widths default to twice the hidden sizes; ``vocab_size`` pads the embedding
+    and LM head past the word-level tokenizer's few hundred words. The defaults make a tiny model;
+    :data:`LLAVA15_7B_SHAPES` makes one as large as LLaVA-1.5-7B.
+    """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
     if image_size % patch_size:
@@ -223,45 +234,26 @@ def tiny_critic_config(
 def build_tiny_critic(
     save_dir: str | Path,
     vocab_words: Iterable[str] | None = None,
-    image_size: int = 64,
-    text_hidden: int = 64,
-    text_layers: int = 2,
-    vision_hidden: int = 32,
-    vision_layers: int = 2,
-    patch_size: int = 8,
     seed: int = 0,
-    num_heads: int = 4,
-    initializer_range: float = 0.02,
-    text_intermediate: int | None = None,
-    vision_intermediate: int | None = None,
-    vision_heads: int | None = None,
-    vocab_size: int | None = None,
     dtype: torch.dtype = torch.float32,
+    **shape: Any,
 ) -> Path:
-    """Build a random tiny LLaVA critic and save it to ``save_dir``; returns the directory.
+    """Build a random LLaVA critic and save it to ``save_dir``; returns the directory.
 
-    The directory loads offline with ``AutoModelForImageTextToText.from_pretrained`` and
-    ``AutoProcessor.from_pretrained``. Images are ``image_size`` pixels square, cut into
-    ``(image_size // patch_size) ** 2`` patches, each one image token in the text (the CLS token is
-    dropped: ``vision_feature_select_strategy="default"``). ``initializer_range`` is the std of the
-    random weights: larger values give a less uniform random critic (useful in tests where outputs
-    should depend visibly on the input).
-
-    The remaining arguments give a random model the shapes of a real one, for speed and memory
-    benchmarks with no weights to download (``build_tiny_critic(dir, **LLAVA15_7B_SHAPES,
-    dtype=torch.bfloat16)``): MLP widths (default twice the hidden size), the vision tower's heads
-    (default ``num_heads``), a vocabulary padded to ``vocab_size`` rows (the word-level tokenizer
-    uses the first few) and the saved ``dtype``.
+    ``shape`` holds the keyword arguments of :func:`tiny_critic_config` (``image_size``,
+    ``patch_size``, ``text_hidden``, ``text_layers``, ``vision_hidden``, ``vision_layers``,
+    ``num_heads``, ``initializer_range``, ...); the defaults give a tiny model, and
+    ``build_tiny_critic(dir, **LLAVA15_7B_SHAPES, dtype=torch.bfloat16)`` one with LLaVA-1.5-7B's
+    shapes, for speed and memory benchmarks with no weights to download. The weights are saved in
+    ``dtype``. The directory loads offline with ``AutoModelForImageTextToText.from_pretrained`` and
+    ``AutoProcessor.from_pretrained``.
     """
     from transformers import AutoModelForImageTextToText, CLIPImageProcessor, LlavaProcessor
 
     tokenizer = build_tokenizer(vocab_words)
-    config = tiny_critic_config(
-        tokenizer, image_size=image_size, text_hidden=text_hidden, text_layers=text_layers, vision_hidden=vision_hidden,
-        vision_layers=vision_layers, patch_size=patch_size, num_heads=num_heads, initializer_range=initializer_range,
-        text_intermediate=text_intermediate, vision_intermediate=vision_intermediate, vision_heads=vision_heads,
-        vocab_size=vocab_size,
-    )
+    config = tiny_critic_config(tokenizer, **shape)
+    image_size = config.vision_config.image_size
+    patch_size = config.vision_config.patch_size
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     # A fixed seed makes the random weights, and so every score of the tiny critic, reproducible.

@@ -201,3 +201,5 @@ def test_shape_arguments_reach_the_saved_model(tmp_path):
     assert model.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="head counts"):
         build_tiny_critic(tmp_path / "bad", vision_hidden=48, vision_heads=5)
+    with pytest.raises(TypeError, match="text_width"):
+        build_tiny_critic(tmp_path / "typo", text_width=32)  # a misspelt shape is not silently ignored
