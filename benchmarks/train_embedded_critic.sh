@@ -3,24 +3,25 @@
 # build the data of every stage and the held-out test set, build a random tiny LLaVA, train
 # stage 1 (single objects, colour/shape negatives), stage 2 (all scene kinds and negative types,
 # initialised from stage 1), stage 3 (a second, lower-lr cosine cycle on the stage 2 data),
-# stage 4 (colour/shape-weighted negatives on mostly multi-object scenes) and stage 5 (the same
-# data with the vision tower trained too), evaluate on the test set per negative type, and copy the
+# stage 4 (colour/shape-weighted negatives on mostly multi-object scenes), stage 5 (the same
+# data with the vision tower trained too) and stage 6 (a second stage-5 cycle), evaluate on the
+# test set per negative type, and copy the
 # critic (weights, processor, tokenizer, chat template, critic_config.json, metrics.json) to $DEST.
 #
 #   bash benchmarks/train_embedded_critic.sh                 # work in /tmp/emb, install to critic/embedded
 #   WORK=/tmp/x DEST=/tmp/x/final bash benchmarks/train_embedded_critic.sh
-#   TEXT_HIDDEN=192 THREADS=2 WORK=/tmp/emb192 DEST=/tmp/emb192/final bash benchmarks/train_embedded_critic.sh
+#   TEXT_HIDDEN=192 WORK=/tmp/emb192 DEST=/tmp/emb192/final bash benchmarks/train_embedded_critic.sh
 #
-# THREADS torch threads (default 1, so that a 2-core machine keeps a core for other work).
+# THREADS torch threads (default 2, the 2-core budget; THREADS=1 keeps a core free, ~1.8x slower).
 # TEXT_HIDDEN is the text model's width (default 96, the shipped critic; 192 is the wider variant
-# in critic/embedded/README.md: better on negatives, about an hour of training with THREADS=2).
+# in critic/embedded/README.md: better on negatives, over an hour of training).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CD=${CD:-.venv/bin/coherendream}
 WORK=${WORK:-/tmp/emb}
 DEST=${DEST:-critic/embedded}
-THREADS=${THREADS:-1}
+THREADS=${THREADS:-2}
 TEXT_HIDDEN=${TEXT_HIDDEN:-96}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$WORK"
@@ -44,11 +45,12 @@ $CD critic train -c configs/critic/embedded_stage2.yaml model_name_or_path="$WOR
 $CD critic train -c configs/critic/embedded_stage3.yaml model_name_or_path="$WORK/s2" dataset="$WORK/stage2" output_dir="$WORK/s3"
 $CD critic train -c configs/critic/embedded_stage4.yaml model_name_or_path="$WORK/s3" dataset="$WORK/stage4" output_dir="$WORK/s4"
 $CD critic train -c configs/critic/embedded_stage5.yaml model_name_or_path="$WORK/s4" dataset="$WORK/stage4" output_dir="$WORK/s5"
+$CD critic train -c configs/critic/embedded_stage6.yaml model_name_or_path="$WORK/s5" dataset="$WORK/stage4" output_dir="$WORK/s6"
 t2=$(date +%s)
 
 # 4. held-out evaluation (test split, threshold 0.5)
-$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s5" --batch-size 64 --device cpu
-$PY - "$WORK/scores/scores.jsonl" "$WORK/s5/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
+$CD critic score -i "$WORK/test" --split test -o "$WORK/scores" --model "$WORK/s6" --batch-size 64 --device cpu
+$PY - "$WORK/scores/scores.jsonl" "$WORK/s6/metrics.json" "$((t1 - t0))" "$((t2 - t1))" <<'PYEOF'
 import json, sys
 from coherendream.eval.metrics import critic_report
 rows = [json.loads(line) for line in open(sys.argv[1])]
@@ -76,6 +78,6 @@ PYEOF
 mkdir -p "$DEST"
 for f in model.safetensors config.json generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json \
          processor_config.json preprocessor_config.json chat_template.jinja chat_template.json critic_config.json metrics.json; do
-  [ -f "$WORK/s5/$f" ] && cp "$WORK/s5/$f" "$DEST/"
+  [ -f "$WORK/s6/$f" ] && cp "$WORK/s6/$f" "$DEST/"
 done
 echo "data build $((t1 - t0)) s, training $((t2 - t1)) s; critic in $DEST"
