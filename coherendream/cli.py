@@ -154,7 +154,10 @@ def critic_merge(
 def critic_score(
     input: Annotated[Path, typer.Option("--input", "-i", help="render folder (<uid>/*.png), `data build` folder, or CSV/JSONL manifest (id, path, prompt)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for scores.csv/jsonl, errors.jsonl, summary.json")],
-    model: Annotated[str, typer.Option(help="critic: hub id or local path (a merged model or an adapter folder)")],
+    model: Annotated[
+        Optional[str],
+        typer.Option(help="critic: hub id or local path, a merged model or an adapter folder (default: the embedded procedural critic)"),
+    ] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
     kind: Annotated[Optional[str], typer.Option(help="dataset, manifest or render_dir (default: detected)")] = None,
     split: Annotated[str, typer.Option(help="dataset split to score")] = "test",
@@ -170,12 +173,13 @@ def critic_score(
     outside the manifest's root) are listed with their reason in errors.jsonl; the rest are scored.
     """
     from coherendream.critic.batch import items_from_input, score_to_files
-    from coherendream.critic.model import Critic
+    from coherendream.critic.model import default_critic_path
 
     try:
         items = items_from_input(input, kind, split=split, prompts_file=prompts_file, root=root)
-        critic = Critic.from_pretrained(model, adapter=adapter, dtype=dtype, device=device)
-        summary = score_to_files(critic, items, output, batch_size=batch_size, metadata={"model": model, "adapter": str(adapter) if adapter else None, "input": str(input)})
+        critic = _load_critic(model, adapter, dtype, device)
+        metadata = {"model": model or str(default_critic_path()), "adapter": str(adapter) if adapter else None, "input": str(input)}
+        summary = score_to_files(critic, items, output, batch_size=batch_size, metadata=metadata)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"scored {summary['scored']} of {summary['items']} items ({summary['errors']} errors, see errors.jsonl) -> {Path(output).resolve()}")

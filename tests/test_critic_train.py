@@ -280,6 +280,23 @@ def test_cli_scores_a_split_with_a_trained_adapter(tmp_path, tiny, dataset):
     assert res.exit_code == 2 and "missing" in res.output
 
 
+def test_cli_score_defaults_to_the_embedded_critic(tmp_path, dataset):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+    from coherendream.critic.model import default_critic_path
+
+    res = CliRunner().invoke(app, ["critic", "score", "-i", str(dataset), "--split", "validation", "-o", str(tmp_path / "scores")])
+    assert res.exit_code == 0, res.output
+    summary = json.loads((tmp_path / "scores" / "summary.json").read_text())
+    assert summary["metadata"]["model"] == str(default_critic_path())
+    rows = [json.loads(line) for line in (tmp_path / "scores" / "scores.jsonl").read_text().splitlines()]
+    views, captions = sample_inputs(dataset, n=1)
+    with torch.no_grad():
+        direct = Critic.from_pretrained(default_critic_path()).score(views, captions).prob_yes
+    assert rows[0]["prob_yes"] == pytest.approx(float(direct[0]), abs=1e-5)
+
+
 DEEPSPEED_SCRIPT = """
 import json, sys
 import torch
