@@ -75,7 +75,7 @@ def make_scene(num_gaussians: int, seed: int = 0) -> list[torch.Tensor]:
 
 
 def make_cameras(views: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
-    cams = [Camera.orbit(360.0 * i / views, 15.0, 2.5, 40.0, resolution) for i in range(views)]
+    cams = Camera.ring(views, 15.0, 2.5, 40.0, resolution)
     vm = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32)
     ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
     return vm, ks

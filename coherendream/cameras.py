@@ -97,6 +97,11 @@ class Camera:
         c2w = look_at(orbit_position(azimuth, elevation, distance))
         return cls(c2w, fov_y, width, height or width, azimuth, elevation, distance)
 
+    @classmethod
+    def ring(cls, num_views: int, elevation: float, distance: float, fov_y: float, width: int, height: int | None = None) -> list[Camera]:
+        """``num_views`` orbit cameras ``360 / num_views`` degrees apart, the first at azimuth 0."""
+        return [cls.orbit(360.0 * i / num_views, elevation, distance, fov_y, width, height) for i in range(num_views)]
+
     @property
     def viewmat(self) -> np.ndarray:
         """World-to-camera ``[4, 4]`` (OpenCV), gsplat's ``viewmats``."""

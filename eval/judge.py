@@ -203,7 +203,7 @@ def judge_methods(
     # The side-by-side scorer is built first: a tokenizer without A/B fails before any rendering.
     judge = side_by_side_scorer(scorer) if mode == "side_by_side" else scorer
     v = int(scorer.config.num_views)
-    cams = [Camera.orbit(360.0 * i / v, elevation, distance, fov_y, resolution) for i in range(v)]
+    cams = Camera.ring(v, elevation, distance, fov_y, resolution)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -575,7 +575,7 @@ def run_tifa(
     prompts, set_name = read_prompts(prompts)
     generator = generator or RuleQuestionGenerator()
     v = int(scorer.config.num_views)
-    cams = [Camera.orbit(360.0 * i / v, elevation, distance, fov_y, resolution) for i in range(v)]
+    cams = Camera.ring(v, elevation, distance, fov_y, resolution)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

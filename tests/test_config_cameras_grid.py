@@ -119,3 +119,11 @@ def test_yaml_booleans_are_only_true_and_false(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("weights: {yes: 1.0}\nmode: y\n")
     assert load_config(Outer, cfg_file).weights == {"yes": 1.0}
+
+
+def test_ring_spaces_the_views_evenly_from_the_front():
+    ring = Camera.ring(3, 10.0, 2.0, 40.0, 32, 24)
+    assert [c.azimuth for c in ring] == [0.0, 120.0, 240.0]
+    for cam in ring:
+        ref = Camera.orbit(cam.azimuth, 10.0, 2.0, 40.0, 32, 24)
+        assert np.allclose(cam.c2w, ref.c2w) and (cam.width, cam.height) == (32, 24)
