@@ -4,6 +4,11 @@ Rows of the dataset and the critic's scoring must ask exactly the same question,
 from here. Messages follow TRL's conversational prompt-completion format for vision-language
 models: ``content`` is a list of ``{"type": "image"}`` and ``{"type": "text", "text": ...}`` parts,
 one image part per image in the row's ``images`` column.
+
+By default the images come before the question, as in LLaVA-1.5's prompts. A question template
+may place them elsewhere with the marker :data:`IMAGE_MARKER` (``"<image>"``, where a LLaVA user
+writes it in a raw prompt): ``'Description: "{text}"\n<image>Does it match?'`` puts the
+description first, so that in a causal model the image tokens can attend to it.
 """
 
 from __future__ import annotations
@@ -12,8 +17,17 @@ QUESTION_TEMPLATE = 'Does this 3D object, shown from {num_views} views, match th
 # The auxiliary description task (``CriticTrainConfig.caption_rows``): LLaVA's feature-alignment
 # task, "describe the image" answered by its caption, asked about the same views.
 DESCRIBE_TEMPLATE = "Describe this 3D object, shown from {num_views} views, in one sentence."
+IMAGE_MARKER = "<image>"
 ANSWER_YES = "Yes"
 ANSWER_NO = "No"
+
+
+def check_question_template(template: str, name: str = "question_template") -> None:
+    """Raise ``ValueError`` unless ``template`` has ``{text}`` and at most one image marker."""
+    if "{text}" not in template:
+        raise ValueError(f"{name} must contain '{{text}}', got {template!r}")
+    if template.count(IMAGE_MARKER) > 1:
+        raise ValueError(f"{name} may place the images ({IMAGE_MARKER!r}) once, got {template!r}")
 
 
 def format_question(text: str, num_views: int, template: str = QUESTION_TEMPLATE) -> str:
@@ -21,6 +35,9 @@ def format_question(text: str, num_views: int, template: str = QUESTION_TEMPLATE
     text = " ".join(str(text).split())
     if not text:
         raise ValueError("empty prompt: the description to check must contain text")
+    if IMAGE_MARKER in text:
+        # it would become an image placeholder (here and in LLaVA's processor alike)
+        raise ValueError(f"prompt {text!r} contains the image marker {IMAGE_MARKER!r}")
     return template.format(num_views=num_views, text=text)
 
 
@@ -30,10 +47,18 @@ def format_describe(num_views: int, template: str = DESCRIBE_TEMPLATE) -> str:
 
 
 def prompt_messages(question: str, num_images: int = 1) -> list[dict]:
-    """User turn with ``num_images`` image placeholders followed by the question."""
-    content = [{"type": "image", "text": None} for _ in range(num_images)]
-    content.append({"type": "text", "text": question})
-    return [{"role": "user", "content": content}]
+    """User turn with ``num_images`` image placeholders and the question: the images where the
+    question has :data:`IMAGE_MARKER` (at most once), else before it."""
+    before, marker, after = question.partition(IMAGE_MARKER)
+    if IMAGE_MARKER in after:
+        raise ValueError(f"question {question!r}: the image marker {IMAGE_MARKER!r} may appear once")
+    if not marker:
+        before, after = "", question
+    images = [{"type": "image", "text": None} for _ in range(num_images)]
+    def text(part: str) -> list[dict]:
+        return [{"type": "text", "text": part}] if part else []
+
+    return [{"role": "user", "content": text(before) + images + text(after)}]
 
 
 def completion_messages(answer: str) -> list[dict]:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from coherendream.grid import GridLayout, tile
-from coherendream.prompts import QUESTION_TEMPLATE, format_question, prompt_messages
+from coherendream.prompts import QUESTION_TEMPLATE, check_question_template, format_question, prompt_messages
 
 DEFAULT_BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
 CRITIC_CONFIG_NAME = "critic_config.json"
@@ -52,7 +52,8 @@ class CriticConfig:
 
     Attributes:
         question_template: filled by :func:`coherendream.prompts.format_question` with
-            ``num_views`` and the caption.
+            ``num_views`` and the caption; the images go where it says ``<image>``
+            (:data:`~coherendream.prompts.IMAGE_MARKER`, at most once), else before the question.
         num_views: views per sample that :meth:`Critic.score` expects.
         image_mode: ``"grid"`` tiles the views into one image (row-major, view 0 top-left);
             ``"views"`` passes each view as its own image, for models that accept several.
@@ -87,8 +88,7 @@ class CriticConfig:
             raise ValueError(f"critic.image_mode must be 'grid' or 'views', got {self.image_mode!r}")
         if self.num_views < 1:
             raise ValueError(f"critic.num_views must be >= 1, got {self.num_views}")
-        if "{text}" not in self.question_template:
-            raise ValueError("critic.question_template must contain '{text}'")
+        check_question_template(self.question_template, "critic.question_template")
         self.yes_variants = tuple(self.yes_variants)
         self.no_variants = tuple(self.no_variants)
         if self.image_mode == "grid":

@@ -46,7 +46,15 @@ from coherendream.data.negatives import NEGATIVE_TYPES, Negative, NegativeConfig
 from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds, parse_caption, sample_scene
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
-from coherendream.prompts import ANSWER_NO, ANSWER_YES, QUESTION_TEMPLATE, completion_messages, format_question, prompt_messages
+from coherendream.prompts import (
+    ANSWER_NO,
+    ANSWER_YES,
+    QUESTION_TEMPLATE,
+    check_question_template,
+    completion_messages,
+    format_question,
+    prompt_messages,
+)
 
 # --------------------------------------------------------------------------- configuration
 
@@ -109,6 +117,7 @@ class BuildConfig:
         if self.chunk_size < 1 or self.rows_per_file < 1 or self.num_workers < 1:
             raise ValueError("chunk_size, rows_per_file and num_workers must be >= 1")
         GridLayout.for_views(self.render.orbit.num_views, self.grid_rows, self.grid_cols)
+        check_question_template(self.question_template)
 
     @property
     def grid_layout(self) -> GridLayout:

@@ -45,13 +45,17 @@ def export_llava(dataset_dir: str | Path, output_dir: str | Path, split: str = "
         if not target.exists():
             with atomic_path(target) as tmp:
                 tmp.write_bytes(data)
-        question = next(part["text"] for part in row["prompt"][0]["content"] if part["type"] == "text")
+        # the views become one image: one <image> where the first image part was, the text around it
+        parts = row["prompt"][0]["content"]
+        first_image = next((i for i, part in enumerate(parts) if part["type"] == "image"), 0)
+        before = "".join(part["text"] for part in parts[:first_image] if part["type"] == "text")
+        after = "".join(part["text"] for part in parts[first_image:] if part["type"] == "text")
         answer = row["completion"][0]["content"][0]["text"]
         records.append(
             {
                 "id": row["id"],
                 "image": f"images/{name}",
-                "conversations": [{"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}],
+                "conversations": [{"from": "human", "value": f"{before}<image>\n{after}"}, {"from": "gpt", "value": answer}],
             }
         )
     path = out / f"{split}.json"

@@ -289,6 +289,22 @@ def test_random_views_depth_normals_and_view_mode(tmp_path):
     assert np.allclose(np.linalg.norm(n, axis=1), 1.0, atol=0.05)
 
 
+def test_question_template_places_the_images(tmp_path):
+    template = 'the description "{text}"\n<image>Does it match? Please answer yes or no.'
+    cfg = config(tmp_path, "text_first", source={"kind": "procedural", "num_scenes": 2}, question_template=template, splits={"train": 1.0})
+    build_dataset(cfg)
+    row = load_built_dataset(tmp_path / "text_first")["train"][0]
+    parts = row["prompt"][0]["content"]
+    assert [p["type"] for p in parts] == ["text", "image", "text"]
+    assert parts[0]["text"] == f'the description "{row["caption"]}"\n'
+    assert parts[2]["text"] == "Does it match? Please answer yes or no."
+    first = json.loads(export_llava(tmp_path / "text_first", tmp_path / "llava", "train").read_text())[0]
+    assert first["conversations"][0]["value"] == f'the description "{row["caption"]}"\n<image>\nDoes it match? Please answer yes or no.'
+    for bad, reason in [("Does it match?", "must contain"), ("<image>{text}<image>", "once")]:
+        with pytest.raises(ValueError, match=reason):
+            config(tmp_path, "bad", question_template=bad)
+
+
 def test_mesh_dir_source_with_sidecar_captions(tmp_path):
     root = tmp_path / "assets"
     write_meshes(root)

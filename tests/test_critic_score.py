@@ -150,10 +150,15 @@ def test_views_mode_sends_one_image_per_view(critic):
     assert not torch.allclose(out.margin, grid.margin)
 
 
-@pytest.mark.parametrize("image_mode", ["grid", "views"])
-def test_prompt_ids_after_the_first_call_equal_the_processors(critic, image_mode):
+# the description before the images, so that a causal model's image tokens can attend to it
+TEXT_FIRST = 'the description "{text}"\n<image>Does this 3D object match the description? Please answer yes or no.'
+
+
+@pytest.mark.parametrize(("image_mode", "template"), [("grid", None), ("views", None), ("grid", TEXT_FIRST), ("views", TEXT_FIRST)])
+def test_prompt_ids_after_the_first_call_equal_the_processors(critic, image_mode, template):
     """Later calls expand <image> themselves instead of preprocessing blank images: same ids."""
-    fresh = Critic(critic.model, critic.processor, CriticConfig(image_mode=image_mode))
+    config = CriticConfig(image_mode=image_mode) if template is None else CriticConfig(image_mode=image_mode, question_template=template)
+    fresh = Critic(critic.model, critic.processor, config)
     first = fresh.encode_prompts(PROMPTS[:1])
     assert fresh._tokens_per_image == 64  # learnt and checked on the first call
     later = fresh.encode_prompts(PROMPTS)
@@ -170,6 +175,11 @@ def test_prompt_ids_after_the_first_call_equal_the_processors(critic, image_mode
     assert torch.equal(later["input_ids"], reference["input_ids"])
     assert torch.equal(later["attention_mask"], reference["attention_mask"])
     assert torch.equal(first["input_ids"], reference["input_ids"][:1, : first["input_ids"].shape[1]])
+    # the image tokens sit where the template puts them: after the caption's words or before them
+    ids = later["input_ids"][1].tolist()
+    image_id, green = critic.processor.image_token_id, critic.tokenizer.convert_tokens_to_ids("green")
+    assert ids.count(image_id) == 64 * n_images
+    assert (ids.index(green) < ids.index(image_id)) == (template is not None)
 
 
 def test_prompt_ids_keep_using_the_processor_when_expanding_by_hand_differs(critic, monkeypatch):
@@ -232,6 +242,7 @@ def test_margin_gradient_matches_central_finite_differences(critic, monkeypatch)
         (torch.rand(1, 4, 3, 8, 8), "a red cube", "list of captions"),
         ([["not/a/file.png"] * 4], ["a red cube"], "cannot read image file"),
         ([[None] * 3], ["a red cube"], "has 3 views"),
+        (torch.rand(1, 4, 3, 8, 8), ["a red <image> cube"], "image marker"),
     ],
 )
 def test_bad_input_gets_a_clear_error(critic, views, prompts, match):
@@ -244,6 +255,8 @@ def test_bad_config_is_rejected():
         CriticConfig(image_mode="mosaic")
     with pytest.raises(ValueError, match="grid"):
         CriticConfig(num_views=4, grid_rows=3, grid_cols=3)
+    with pytest.raises(ValueError, match="once"):
+        CriticConfig(question_template="<image>{text}<image>")
 
 
 def test_adapter_round_trip_gives_the_in_memory_scores(tiny_dir, critic, tmp_path):
