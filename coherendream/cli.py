@@ -194,6 +194,9 @@ def critic_build_tiny(
     text_layers: Annotated[int, typer.Option(help="decoder layers of the text model")] = 2,
     vision_hidden: Annotated[int, typer.Option(help="hidden size of the CLIP vision tower")] = 32,
     vision_layers: Annotated[int, typer.Option(help="encoder layers of the vision tower")] = 2,
+    vision_feature_layer: Annotated[
+        Optional[int], typer.Option(help="hidden state used as image tokens (default -2, or -1 with one layer; -2 with one layer: the patch embeddings)")
+    ] = None,
     initializer_range: Annotated[float, typer.Option(help="std of the random weights")] = 0.02,
     seed: Annotated[int, typer.Option(help="weight initialisation seed")] = 0,
 ) -> None:
@@ -202,7 +205,8 @@ def critic_build_tiny(
 
     path = build_tiny_critic(
         output, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden, text_layers=text_layers,
-        vision_hidden=vision_hidden, vision_layers=vision_layers, initializer_range=initializer_range, seed=seed,
+        vision_hidden=vision_hidden, vision_layers=vision_layers, vision_feature_layer=vision_feature_layer,
+        initializer_range=initializer_range, seed=seed,
     )
     typer.echo(f"tiny critic written to {path}")
 

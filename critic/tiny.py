@@ -175,6 +175,7 @@ def tiny_critic_config(
     vision_intermediate: int | None = None,
     vision_heads: int | None = None,
     vocab_size: int | None = None,
+    vision_feature_layer: int | None = None,
 ):
     """The ``LlavaConfig`` of a random critic: Llama text model + CLIP vision tower + LLaVA projector.
 
@@ -185,7 +186,10 @@ def tiny_critic_config(
     ``num_heads`` is the text model's head count and, unless ``vision_heads`` is given, the vision
     tower's. The MLP widths default to twice the hidden sizes; ``vocab_size`` pads the embedding
     and LM head past the word-level tokenizer's few hundred words. The defaults make a tiny model;
-    :data:`LLAVA15_7B_SHAPES` makes one as large as LLaVA-1.5-7B.
+    :data:`LLAVA15_7B_SHAPES` makes one as large as LLaVA-1.5-7B. ``vision_feature_layer`` picks
+    the vision tower's hidden state that becomes the image tokens: by default LLaVA's penultimate
+    one, -2, or the last, -1, for a one-layer tower; with one layer, -2 is the patch embeddings
+    themselves (``vision_layers + 1`` hidden states, the first being the embeddings).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
@@ -196,6 +200,9 @@ def tiny_critic_config(
         raise ValueError(
             f"hidden sizes {text_hidden}, {vision_hidden} must be multiples of their head counts {num_heads}, {vision_heads}"
         )
+    if vision_feature_layer == 0:
+        # transformers 5 reads the layer index as its output_hidden_states flag, and 0 is falsy
+        raise ValueError(f"vision_feature_layer 0 is not captured by transformers; use -{vision_layers + 1} for the patch embeddings")
     num_image_tokens = (image_size // patch_size) ** 2
     text_config = LlamaConfig(
         vocab_size=max(len(tokenizer), vocab_size or 0),
@@ -226,7 +233,7 @@ def tiny_critic_config(
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=num_image_tokens,
         vision_feature_select_strategy="default",
-        vision_feature_layer=-1 if vision_layers == 1 else -2,
+        vision_feature_layer=vision_feature_layer if vision_feature_layer is not None else (-1 if vision_layers == 1 else -2),
         pad_token_id=tokenizer.pad_token_id,
     )
 

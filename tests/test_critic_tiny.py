@@ -166,12 +166,36 @@ def test_build_tiny_command_takes_the_model_sizes(tmp_path):
 
     out = tmp_path / "sized"
     res = CliRunner().invoke(app, ["critic", "build-tiny", str(out), "--image-size", "32", "--patch-size", "4", "--text-hidden", "48",
-                                   "--text-layers", "3", "--vision-hidden", "24", "--vision-layers", "1", "--initializer-range", "0.1"])
+                                   "--text-layers", "3", "--vision-hidden", "24", "--vision-layers", "1", "--vision-feature-layer", "-2",
+                                   "--initializer-range", "0.1"])
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     assert (text["hidden_size"], text["num_hidden_layers"], text["initializer_range"]) == (48, 3, 0.1)
     assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"], vision["image_size"]) == (24, 1, 4, 32)
+    assert config["vision_feature_layer"] == -2
+
+
+@pytest.mark.parametrize(("layers", "feature_layer", "hidden_state"), [(1, None, 1), (2, None, 1), (1, -2, 0)])
+def test_image_tokens_come_from_the_chosen_vision_layer(tmp_path, layers, feature_layer, hidden_state):
+    """-1 for a one-layer tower, LLaVA's penultimate layer otherwise, or the patch embeddings (hidden state 0)."""
+    from transformers import AutoModelForImageTextToText
+
+    path = build_tiny_critic(tmp_path / "t", vision_layers=layers, vision_feature_layer=feature_layer, initializer_range=0.1)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = model.model.get_image_features(pixel_values=pixels)
+        tokens = tokens.pooler_output if hasattr(tokens, "pooler_output") else tokens
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+        expected = model.model.multi_modal_projector(states[hidden_state][:, 1:])  # CLS dropped
+    assert torch.allclose(torch.stack(list(tokens)).reshape(expected.shape), expected, atol=1e-6)
+    assert not torch.allclose(states[0], states[1])  # the layers differ, so the test tells them apart
+
+
+def test_vision_feature_layer_zero_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="use -2 for the patch embeddings"):
+        build_tiny_critic(tmp_path / "zero", vision_layers=1, vision_feature_layer=0)
 
 
 def test_llava15_7b_shapes_give_its_exact_parameter_count():
