@@ -34,10 +34,11 @@ $CD data build -c configs/data/embedded_stage4.yaml -o "$WORK/stage4"
 $CD data build -c configs/data/embedded_test.yaml -o "$WORK/test"
 t1=$(date +%s)
 
-# 2. random tiny critic: text $TEXT_HIDDEN (default 96) x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained in stage 5),
+# 2. random tiny critic: text $TEXT_HIDDEN (default 96) x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained in stages 5-6),
+#    image tokens = its patch embeddings (feature layer -2 of 2: its random layer blurred the colours),
 #    64 px, patch 8, initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
 $CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden "$TEXT_HIDDEN" --text-layers 3 \
-    --vision-hidden 192 --vision-layers 1 --initializer-range 0.1 --seed 0
+    --vision-hidden 192 --vision-layers 1 --vision-feature-layer -2 --initializer-range 0.1 --seed 0
 
 # 3. curriculum
 $CD critic train -c configs/critic/embedded_stage1.yaml model_name_or_path="$WORK/tiny" dataset="$WORK/stage1" output_dir="$WORK/s1"
