@@ -54,11 +54,11 @@ def prompt_messages(question: str, num_images: int = 1) -> list[dict]:
         raise ValueError(f"question {question!r}: the image marker {IMAGE_MARKER!r} may appear once")
     if not marker:
         before, after = "", question
-    images = [{"type": "image", "text": None} for _ in range(num_images)]
-    def text(part: str) -> list[dict]:
-        return [{"type": "text", "text": part}] if part else []
-
-    return [{"role": "user", "content": text(before) + images + text(after)}]
+    content = [{"type": "text", "text": before}] if before else []
+    content += [{"type": "image", "text": None} for _ in range(num_images)]
+    if after:
+        content.append({"type": "text", "text": after})
+    return [{"role": "user", "content": content}]
 
 
 def completion_messages(answer: str) -> list[dict]:

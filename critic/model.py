@@ -430,8 +430,9 @@ class Critic:
         runs the processor on blank images of the crop size (the real pixel values come from
         :meth:`pixel_values`) and learns the count; later calls expand the placeholder themselves
         and only tokenise, which skips preprocessing B x I blank images per call (scoring the
-        embedded critic at batch 8 ran 1.08x faster, docs/benchmarks.md). The shortcut is taken only if it reproduced the
-        processor's ids exactly on that first call; otherwise every call goes through the processor.
+        embedded critic at batch 8 ran 1.08x faster, docs/benchmarks.md). The shortcut is taken
+        only if it reproduced the processor's ids exactly on that first call; otherwise every call
+        goes through the processor.
 
         Returns:
             ``input_ids`` and ``attention_mask``, ``[B, L]``, right-padded.
