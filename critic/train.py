@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from coherendream.config import dump_yaml
 from coherendream.io import write_text
-from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, format_describe, prompt_messages
+from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, format_describe, format_question, prompt_messages
 
 # LoRA on the language model only: this regex does not match the CLIP tower's q/k/v_proj.
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -88,6 +88,11 @@ class CriticTrainConfig:
     # assets): the model has to name what is really there, so the loss says which words of the
     # caption were wrong; P(yes) is still read at the first answer token
     correction_answers: bool = False
+    # add this many attribute-presence rows per asset (procedural builds, which have a layout): the
+    # asset's views asked about one colour or shape word ("red", "cube"), answered Yes iff an object
+    # of the scene has it (coherendream.data.presence) -- the word-against-views check that a
+    # caption of two groups needs for each of its words, trained one word at a time
+    presence_rows: int = 0
     projector_lr: float | None = 2e-5  # LLaVA's mm_projector_lr; None: the projector uses learning_rate
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False
@@ -183,40 +188,54 @@ def load_rows(config: CriticTrainConfig):
         train = train.select(range(min(config.max_train_samples, len(train))))
     if evaluation is not None and config.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
-    keep = ["images", "prompt", "completion"]
-    for flag in ("caption_rows", "correction_answers"):
-        if getattr(config, flag) and config.mode == "dpo":
-            raise ValueError(f"{flag} is an SFT auxiliary task; it has no preference form (use mode=sft)")
+    if config.mode == "dpo":
+        for flag in ("caption_rows", "correction_answers", "presence_rows"):
+            if getattr(config, flag):
+                raise ValueError(f"{flag} is an SFT auxiliary task; it has no preference form (use mode=sft)")
+        return to_preference_rows(train), (to_preference_rows(evaluation) if evaluation is not None else None)
+    if config.presence_rows < 0:
+        raise ValueError(f"presence_rows must be >= 0, got {config.presence_rows}")
     if config.correction_answers:
         train = with_correction_answers(train)
+    # auxiliary rows are made from the builder's columns, so before only TRL's columns are kept
+    auxiliary = []
     if config.caption_rows:
-        train = with_caption_rows(train)
-    if config.mode == "dpo":
-        train, evaluation = to_preference_rows(train), (to_preference_rows(evaluation) if evaluation is not None else None)
-    else:
-        train = train.select_columns(keep)
-        evaluation = evaluation.select_columns(keep) if evaluation is not None else None
-    return train, evaluation
+        auxiliary.append(caption_rows(train))
+    if config.presence_rows:
+        auxiliary.append(presence_rows(train, config.presence_rows, critic_config_for(config), seed=int(config.training.get("seed", 0))))
+    keep = ["images", "prompt", "completion"]
+    train = train.select_columns(keep)
+    if auxiliary:
+        from datasets import concatenate_datasets
+
+        train = concatenate_datasets([train, *(rows.cast(train.features) for rows in auxiliary)])
+    return train, (evaluation.select_columns(keep) if evaluation is not None else None)
 
 
-def with_caption_rows(ds):
-    """``ds`` plus one description row per asset, built from the asset's first positive row: the
-    same images, the question :data:`~coherendream.prompts.DESCRIBE_TEMPLATE`, the true caption as
-    the answer. Needs the builder's ``label``, ``asset_id`` and ``true_caption`` columns."""
-    from datasets import Image, Sequence, concatenate_datasets
-
-    missing = {"label", "asset_id", "true_caption"} - set(ds.column_names)
+def _first_positive_rows(ds, task: str) -> list[int]:
+    """Index of each asset's first positive row (the builder's ``label`` and ``asset_id`` columns)."""
+    missing = {"label", "asset_id"} - set(ds.column_names)
     if missing:
-        raise ValueError(f"caption_rows needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
+        raise ValueError(f"{task} needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
     seen: set[str] = set()
-    first_positive = []
+    first = []
     for i, (label, asset) in enumerate(zip(ds["label"], ds["asset_id"])):
         if label == 1 and asset not in seen:
             seen.add(asset)
-            first_positive.append(i)
+            first.append(i)
+    return first
 
+
+def caption_rows(ds):
+    """One description row per asset, built from its first positive row: the same images, the
+    question :data:`~coherendream.prompts.DESCRIBE_TEMPLATE`, the true caption as the answer.
+    Needs the builder's ``label``, ``asset_id`` and ``true_caption`` columns."""
+    from datasets import Image, Sequence
+
+    if "true_caption" not in ds.column_names:
+        raise ValueError("caption_rows needs the dataset column 'true_caption' (written by `coherendream data build`)")
+    picked = ds.select(_first_positive_rows(ds, "caption_rows"))
     # columns built without a map over the rows: a map would decode every image
-    picked = ds.select(first_positive)
     counts = picked.cast_column("views", Sequence(Image(decode=False))) if "views" in ds.column_names else picked
     counts = counts.cast_column("images", Sequence(Image(decode=False)))
     prompts, completions = [], []
@@ -224,9 +243,34 @@ def with_caption_rows(ds):
         num_views = len(row.get("views") or row["images"])
         prompts.append(prompt_messages(format_describe(num_views), len(row["images"])))
         completions.append(completion_messages(row["true_caption"]))
-    rows = ds.select_columns(["images", "prompt", "completion"])
-    captions = picked.select_columns(["images"]).add_column("prompt", prompts).add_column("completion", completions)
-    return concatenate_datasets([rows, captions.cast(rows.features)])
+    return picked.select_columns(["images"]).add_column("prompt", prompts).add_column("completion", completions)
+
+
+def presence_rows(ds, per_asset: int, critic_config, seed: int = 0):
+    """``per_asset`` attribute-presence rows per asset (:func:`coherendream.data.presence.presence_questions`):
+    its first positive row's images, the critic's question (``critic_config``, a
+    :class:`~coherendream.critic.model.CriticConfig`) about one colour or shape word, answered Yes
+    iff an object of the scene has it. Needs the ``layout`` column of a procedural build, where the
+    truth comes from; an asset without a layout (a mesh, a render folder) raises."""
+    import numpy as np
+
+    from coherendream.data.presence import presence_questions
+
+    if "layout" not in ds.column_names:
+        raise ValueError("presence_rows needs the dataset column 'layout' (written by `coherendream data build` for procedural scenes)")
+    first = _first_positive_rows(ds, "presence_rows")
+    rng = np.random.default_rng(seed)
+    rows, prompts, completions = [], [], []
+    for i, meta in zip(first, ds.select(first).select_columns(["asset_id", "layout"])):
+        if not meta["layout"]:
+            raise ValueError(f"presence_rows: asset {meta['asset_id']} has no layout (only procedural scenes have one)")
+        objects = [(o["color"], o["shape"]) for o in json.loads(meta["layout"])["objects"]]
+        for word, present in presence_questions(objects, per_asset, rng):
+            rows.append(i)
+            question = format_question(word, critic_config.num_views, critic_config.question_template)
+            prompts.append(prompt_messages(question, critic_config.images_per_sample))
+            completions.append(completion_messages(ANSWER_YES if present else ANSWER_NO))
+    return ds.select(rows).select_columns(["images"]).add_column("prompt", prompts).add_column("completion", completions)
 
 
 def with_correction_answers(ds):
@@ -361,11 +405,11 @@ def train_critic(config: CriticTrainConfig) -> Path:
     if resume == "auto":
         resume = last_complete_checkpoint(out)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(out))
-    processor = trainer.processing_class
-    processor.save_pretrained(str(out))
-    critic_config_for(config).save(out)
-    write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+    trainer.save_model(str(out))  # collective under DeepSpeed ZeRO-3: every process takes part
+    if trainer.is_world_process_zero():  # under torchrun, one process writes the rest
+        trainer.processing_class.save_pretrained(str(out))
+        critic_config_for(config).save(out)
+        write_text(out / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
     return out
 
 

@@ -140,6 +140,46 @@ def test_caption_rows_add_one_description_per_asset(tiny, dataset):
         load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, caption_rows=True, mode="dpo"))
 
 
+def test_presence_rows_ask_the_critics_question_about_one_word(tiny, dataset):
+    from coherendream.critic.model import CriticConfig
+    from coherendream.critic.train import critic_config_for, load_rows
+    from coherendream.data.procedural import PALETTE, SHAPES
+    from coherendream.prompts import format_question
+
+    plain, _ = load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None))
+    cfg = CriticTrainConfig(dataset=str(dataset), eval_split=None, presence_rows=3)
+    mixed, _ = load_rows(cfg)
+    rows = load_built_dataset(dataset)["train"]
+    layouts = {}
+    for r in rows.select_columns(["asset_id", "label", "layout", "images"]):
+        if r["label"] == 1:
+            layouts.setdefault(r["asset_id"], r)
+    assert len(mixed) == len(plain) + 3 * len(layouts)
+    added = mixed.select(range(len(plain), len(mixed)))
+    template = critic_config_for(cfg).question_template
+    by_grid = {np.asarray(r["images"][0]).tobytes(): json.loads(r["layout"]) for r in layouts.values()}
+    answers = []
+    for r in added:
+        layout = by_grid[np.asarray(r["images"][0]).tobytes()]  # the asset's own views
+        attributes = {o["color"] for o in layout["objects"]} | {o["shape"] for o in layout["objects"]}
+        question = "".join(part["text"] or "" for part in r["prompt"][0]["content"])
+        word = next(w for w in [*PALETTE, *SHAPES] if question == format_question(w, 4, template))
+        answer = r["completion"][0]["content"][0]["text"]
+        assert answer == ("Yes" if word in attributes else "No")
+        answers.append(answer)
+    assert set(answers) == {"Yes", "No"}
+    # same rows again for the same seed; training a critic whose dataset has no layout is refused
+    again, _ = load_rows(cfg)
+    assert again.select(range(len(plain), len(again)))["completion"] == added["completion"]
+    no_layout = rows.remove_columns("layout")
+    from coherendream.critic.train import presence_rows
+
+    with pytest.raises(ValueError, match="layout"):
+        presence_rows(no_layout, 1, CriticConfig())
+    with pytest.raises(ValueError, match="presence_rows"):
+        load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None, presence_rows=1, mode="dpo"))
+
+
 def test_correction_answers_name_the_true_caption_on_negatives(tiny, dataset):
     from coherendream.critic.train import load_rows
 

@@ -112,3 +112,24 @@ def test_config_validation():
         NegativeConfig(ratios={"colour": 1.0})
     with pytest.raises(ValueError, match="colors"):
         ProceduralConfig(colors=["red", "mauve"])
+
+
+def test_presence_questions_are_true_of_the_scene_and_balanced():
+    from coherendream.data.presence import presence_questions
+
+    rng = np.random.default_rng(0)
+    seen_words, answers = set(), []
+    for scene in SCENES[:100]:
+        objects = [(o.color, o.shape) for o in scene.objects]
+        for word, present in presence_questions(objects, 6, rng):
+            assert parse_caption(word) is None  # never a caption of the grammar
+            assert present == (word in {c for c, _ in objects} | {s for _, s in objects})
+            assert word in PALETTE or word in SHAPES
+            seen_words.add(word)
+            answers.append(present)
+    assert seen_words == set(PALETTE) | set(SHAPES)
+    assert 0.4 < np.mean(answers) < 0.6
+    with pytest.raises(ValueError, match="at least one object"):
+        presence_questions([], 2, rng)
+    with pytest.raises(ValueError, match="teal"):
+        presence_questions([("teal", "cube")], 2, rng)
