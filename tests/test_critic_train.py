@@ -372,3 +372,32 @@ def test_deepspeed_zero2_trains_on_cpu(tmp_path, tiny, dataset):
     assert "Zero" in result["optimizer"] or "ZeRO" in result["optimizer"], result["optimizer"]
     losses = result["losses"]
     assert len(losses) == 12 and sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+
+
+def test_torchrun_two_cpu_processes_match_one_process(tmp_path, tiny, dataset):
+    # Data parallel on the gloo backend (what `torchrun --nproc_per_node 2` gives on a CPU machine):
+    # 2 processes x batch 4 see the same global batches as 1 process x batch 8, so the logged
+    # losses agree; only rank 0 writes the model, processor and critic config.
+    common = [
+        "--model", str(tiny), "--dataset", str(dataset), "use_lora=false", "eval_split=null", "projector_lr=null",
+        "training.max_steps=6", "training.logging_steps=1", "training.use_cpu=true", "training.learning_rate=1e-3",
+        "training.gradient_checkpointing=false", "training.save_strategy=no", "training.seed=3",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "coherendream.cli", "critic", "train", "-o", str(tmp_path / "one"), *common,
+                             "training.per_device_train_batch_size=8"], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    ddp = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "coherendream.cli", "critic", "train",
+                          "-o", str(tmp_path / "two"), *common, "training.per_device_train_batch_size=4"],
+                         capture_output=True, text=True, env=env)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    np.testing.assert_allclose(two, one, rtol=2e-2, atol=2e-3)
+    assert (tmp_path / "two" / "model.safetensors").is_file() and (tmp_path / "two" / "critic_config.json").is_file()
+    views, captions = sample_inputs(dataset)
+    with torch.no_grad():
+        a = Critic.from_pretrained(tmp_path / "one").score(views, captions).margin
+        b = Critic.from_pretrained(tmp_path / "two").score(views, captions).margin
+    torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2)
