@@ -23,4 +23,4 @@ def test_embedded_critic_is_the_default_and_beats_chance(tmp_path):
     with torch.no_grad():
         prob = critic.score(list(rows["views"]), rows["caption"]).prob_yes
     accuracy = float(((prob > 0.5).long() == torch.tensor(rows["label"])).float().mean())
-    assert accuracy >= 0.7, accuracy  # balanced rows: chance is 0.5; held out it measured 0.85
+    assert accuracy >= 0.7, accuracy  # balanced rows: chance is 0.5; held out it measured 0.89
