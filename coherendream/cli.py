@@ -6,6 +6,7 @@ Configs: ``--config file.yaml`` plus ``key.sub=value`` overrides as trailing arg
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -126,7 +127,8 @@ def critic_train(
     except (ConfigError, ValueError) as err:
         _fail(str(err))
     out = train_critic(cfg)
-    typer.echo(f"critic written to {Path(out).resolve()}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the folder, so only it says so
+        typer.echo(f"critic written to {Path(out).resolve()}")
 
 
 @critic_app.command("merge")

@@ -377,7 +377,7 @@ def test_deepspeed_zero2_trains_on_cpu(tmp_path, tiny, dataset):
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path, tiny, dataset):
     # Data parallel on the gloo backend (what `torchrun --nproc_per_node 2` gives on a CPU machine):
     # 2 processes x batch 4 see the same global batches as 1 process x batch 8, so the logged
-    # losses agree; only rank 0 writes the model, processor and critic config.
+    # losses agree; only rank 0 writes the model, processor and critic config, and says so.
     common = [
         "--model", str(tiny), "--dataset", str(dataset), "use_lora=false", "eval_split=null", "projector_lr=null",
         "training.max_steps=6", "training.logging_steps=1", "training.use_cpu=true", "training.learning_rate=1e-3",
@@ -392,6 +392,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, tiny, dataset):
                           "-o", str(tmp_path / "two"), *common, "training.per_device_train_batch_size=4"],
                          capture_output=True, text=True, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    assert ddp.stdout.count("critic written to") == 1, ddp.stdout[-2000:]  # said by rank 0 only
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == 6
     np.testing.assert_allclose(two, one, rtol=2e-2, atol=2e-3)
