@@ -202,7 +202,8 @@ def load_rows(config: CriticTrainConfig):
     if config.caption_rows:
         auxiliary.append(caption_rows(train))
     if config.presence_rows:
-        auxiliary.append(presence_rows(train, config.presence_rows, critic_config_for(config), seed=int(config.training.get("seed", 0))))
+        seed = int({**LLAVA15_TRAINING, **config.training}["seed"])  # the trainer's seed, default included
+        auxiliary.append(presence_rows(train, config.presence_rows, critic_config_for(config), seed=seed))
     keep = ["images", "prompt", "completion"]
     train = train.select_columns(keep)
     if auxiliary:
