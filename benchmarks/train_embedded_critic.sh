@@ -61,12 +61,12 @@ stage embedded_stage3 s2 stage2 s3
 stage embedded_stage4 s3 stage4 s4
 stage embedded_stage5 s4 stage4 s5
 stage embedded_stage6 s5 stage4 s6
-stage embedded_stage7 s6 stage7 s7 training.seed=7
-stage embedded_stage7 s7 stage7 s8 training.seed=8
-stage embedded_stage9 s8 stage9 s9 training.seed=9
-stage embedded_stage9 s9 stage9 s10 training.seed=10
-stage embedded_stage11 s10 stage11 s11 training.seed=11
-stage embedded_stage11 s11 stage11 s12 training.seed=12
+stage embedded_cycle s6 stage7 s7 training.seed=7
+stage embedded_cycle s7 stage7 s8 training.seed=8
+stage embedded_cycle s8 stage9 s9 training.seed=9
+stage embedded_cycle s9 stage9 s10 training.seed=10
+stage embedded_cycle s10 stage11 s11 training.seed=11
+stage embedded_cycle s11 stage11 s12 training.seed=12
 t2=$(date +%s)
 
 # 4. held-out evaluation (test split, threshold 0.5)
