@@ -24,6 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: system-deps $(VENV)/.installed
 
 test: install
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 demo: install
