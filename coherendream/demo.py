@@ -52,12 +52,17 @@ def run_demo(config: DemoConfig) -> dict:
     crop = min(critic.image_size)
     view_res = config.view_resolution or max(16, crop // 2)
 
-    print(f"[1/4] building {config.eval_scenes} procedural evaluation scenes ({view_res} px views)")
+    # Every view the critic sees is taken from the orbit it was trained on (its critic_config.json):
+    # the evaluation scenes, the generator's training cameras (distance and FoV within +-0.3 and
+    # +-5 of the critic's, as the generator's defaults are around 2.5 and 40) and the final scoring.
+    orbit = critic.config.orbit()
+
+    print(f"[1/4] building {config.eval_scenes} procedural evaluation scenes ({view_res} px views, distance {orbit.distance:g})")
     eval_set = out / "eval-set"
     build_dataset(from_dict(BuildConfig, {
         "output_dir": str(eval_set),
         "source": {"kind": "procedural", "num_scenes": config.eval_scenes},
-        "render": {"resolution": view_res},
+        "render": {"resolution": view_res, "orbit": {"azimuths": orbit.azimuths, "elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}},
         "splits": {"test": 1.0},
         "seed": config.eval_seed,
         "num_workers": config.num_workers,
@@ -73,7 +78,10 @@ def run_demo(config: DemoConfig) -> dict:
             f"prompt={json.dumps(config.prompt)}", f"steps={config.steps}", f"num_gaussians={config.num_gaussians}",
             f"resolution={config.render_resolution}", "mode=tcsd", "prior=none", "init.colors=gray",
             f"critic.path={critic_path}", f"tcsd.critic.weight={weight}", f"output_dir={out / name}",
-            "device=cpu", "backend=torch", "checkpoint_every=1000000", *config.overrides,
+            "device=cpu", "backend=torch", "checkpoint_every=1000000",
+            f"cameras.distance_range=[{orbit.distance - 0.3:g},{orbit.distance + 0.3:g}]", f"cameras.fov_range=[{orbit.fov_y - 5:g},{orbit.fov_y + 5:g}]",
+            f"outputs.elevation={orbit.elevation:g}", f"outputs.distance={orbit.distance:g}", f"outputs.fov={orbit.fov_y:g}",
+            *config.overrides,
         ])
         result = generate(gen, critic=critic)
         layout = Layout.model_validate(json.loads((out / name / "layout.json").read_text())["layout"])

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from coherendream.cameras import OrbitSpec
 from coherendream.grid import GridLayout, tile
 from coherendream.prompts import QUESTION_TEMPLATE, check_question_template, format_question, prompt_messages
 
@@ -70,6 +71,11 @@ class CriticConfig:
             transformers' ``apply_chat_template`` does). Note that TRL's collators always tokenize
             with ``False``: for a template without BOS (llava-1.5-hf's), set ``False`` here to score
             exactly the sequences such a critic was fine-tuned on.
+        view_elevation, view_distance, view_fov_y: the orbit camera its training views were taken
+            from (degrees, world units with the asset in the unit cube), recorded by ``critic
+            train`` from the dataset's build config; :meth:`orbit` gives the cameras that views
+            made to be scored by it should use. ``None``: :class:`~coherendream.cameras.OrbitSpec`'s
+            default (elevation 15, distance 2.5, FoV 40).
     """
 
     question_template: str = QUESTION_TEMPLATE
@@ -82,6 +88,9 @@ class CriticConfig:
     yes_variants: tuple[str, ...] = ("Yes", "yes", "YES", " Yes", " yes")
     no_variants: tuple[str, ...] = ("No", "no", "NO", " No", " no")
     add_special_tokens: bool | None = None
+    view_elevation: float | None = None
+    view_distance: float | None = None
+    view_fov_y: float | None = None
 
     def __post_init__(self) -> None:
         if self.image_mode not in ("grid", "views"):
@@ -93,6 +102,21 @@ class CriticConfig:
         self.no_variants = tuple(self.no_variants)
         if self.image_mode == "grid":
             self.layout()  # fail now, not at the first score, on a layout that cannot hold the views
+        for name in ("view_distance", "view_fov_y"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < (180 if name == "view_fov_y" else float("inf")):
+                raise ValueError(f"critic.{name} must be positive{' and below 180' if name == 'view_fov_y' else ''}, got {value}")
+
+    def orbit(self) -> OrbitSpec:
+        """Cameras for views this critic scores: ``num_views`` azimuths evenly spaced from 0
+        (the first view the front), at the elevation, distance and FoV it was trained on."""
+        default = OrbitSpec()
+        return OrbitSpec(
+            azimuths=[360.0 * i / self.num_views for i in range(self.num_views)],
+            elevation=default.elevation if self.view_elevation is None else float(self.view_elevation),
+            distance=default.distance if self.view_distance is None else float(self.view_distance),
+            fov_y=default.fov_y if self.view_fov_y is None else float(self.view_fov_y),
+        )
 
     def layout(self) -> GridLayout:
         """Grid layout of ``num_views`` views (used in ``"grid"`` mode)."""

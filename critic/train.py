@@ -367,6 +367,10 @@ def critic_config_for(config: CriticTrainConfig):
             grid_rows=built["grid_rows"],
             grid_cols=built["grid_cols"],
             add_special_tokens=False,
+            # random views have no one elevation; distance and FoV still set the objects' size
+            view_elevation=None if orbit["random_views"] else orbit["elevation"],
+            view_distance=orbit["distance"],
+            view_fov_y=orbit["fov_y"],
         )
     from datasets import load_dataset
 

@@ -172,7 +172,7 @@ def evaluate_assets(critic: Any, manifest: str | Path, output_dir: str | Path, r
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    orbit = OrbitSpec(azimuths=[float(a) for a in np.linspace(0, 360, critic.config.num_views, endpoint=False)])
+    orbit = critic.config.orbit()  # the critic's own views: objects at the size it learned them
     items = list(asset_items(manifest, root=root, orbit=orbit, resolution=resolution))
     views_of = {it["id"]: it["views"] for it in items if "views" in it}
     scored, errors = split_results(score_items(critic, items, batch_size=batch_size, progress=progress))

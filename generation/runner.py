@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -444,6 +445,12 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     critic_views = getattr(getattr(critic, "config", None), "num_views", None)
     if critic is not None and critic_views is not None and critic_views != config.num_views:
         raise ValueError(f"the critic expects {critic_views} views per sample but num_views={config.num_views}")
+    trained_at = getattr(getattr(critic, "config", None), "view_distance", None)
+    lo, hi = config.cameras.distance_range
+    if trained_at is not None and not lo <= trained_at <= hi:
+        # not an error: a user may mean it, but the critic then judges objects at a size it never saw
+        warnings.warn(f"the critic's views were rendered from distance {trained_at:g}, outside cameras.distance_range "
+                      f"[{lo:g}, {hi:g}]: its gradient comes from views off its training distribution", stacklevel=2)
 
     # ---- 2. layout, Gaussians, optimiser (or the checkpoint's)
     state = None

@@ -257,6 +257,20 @@ def test_bad_config_is_rejected():
         CriticConfig(num_views=4, grid_rows=3, grid_cols=3)
     with pytest.raises(ValueError, match="once"):
         CriticConfig(question_template="<image>{text}<image>")
+    with pytest.raises(ValueError, match="view_distance"):
+        CriticConfig(view_distance=0.0)
+    with pytest.raises(ValueError, match="view_fov_y"):
+        CriticConfig(view_fov_y=180.0)
+
+
+def test_orbit_is_the_recorded_training_camera(tmp_path):
+    from coherendream.cameras import OrbitSpec
+
+    assert CriticConfig().orbit() == OrbitSpec()  # nothing recorded: the design's default views
+    config = CriticConfig(num_views=3, view_elevation=20.0, view_distance=2.1, view_fov_y=35.0)
+    orbit = CriticConfig.load(config.save(tmp_path).parent).orbit()
+    assert orbit.azimuths == [0.0, 120.0, 240.0]
+    assert (orbit.elevation, orbit.distance, orbit.fov_y) == (20.0, 2.1, 35.0)
 
 
 def test_adapter_round_trip_gives_the_in_memory_scores(tiny_dir, critic, tmp_path):

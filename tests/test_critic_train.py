@@ -156,7 +156,10 @@ def test_presence_rows_ask_the_critics_question_about_one_word(tiny, dataset):
             layouts.setdefault(r["asset_id"], r)
     assert len(mixed) == len(plain) + 3 * len(layouts)
     added = mixed.select(range(len(plain), len(mixed)))
-    template = critic_config_for(cfg).question_template
+    critic_config = critic_config_for(cfg)
+    template = critic_config.question_template
+    orbit = json.loads((dataset / "build_info.json").read_text())["config"]["render"]["orbit"]
+    assert (critic_config.view_elevation, critic_config.view_distance, critic_config.view_fov_y) == (orbit["elevation"], orbit["distance"], orbit["fov_y"])
     by_grid = {np.asarray(r["images"][0]).tobytes(): json.loads(r["layout"]) for r in layouts.values()}
     answers = []
     for r in added:

@@ -98,6 +98,32 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     assert "data:image/png;base64" in (tmp_path / "out" / "report.html").read_text()
 
 
+def test_eval_assets_renders_from_the_critics_training_orbit(tmp_path):
+    from coherendream.critic.model import CriticConfig, CriticOutput
+
+    class Recorder:  # P(yes) 0.5 for all; keeps the views it was given
+        def __init__(self, config):
+            self.config, self.views = config, []
+
+        def score(self, views, prompts):
+            self.views += list(views)
+            return CriticOutput(prob_yes=torch.full((len(views),), 0.5), margin=torch.zeros(len(views)))
+
+    trimesh.creation.box(extents=(0.5, 0.5, 0.5)).export(tmp_path / "box.glb")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "box", "path": "box.glb", "prompt": "a cube"}) + "\n")
+
+    def foreground(config):
+        critic = Recorder(config)
+        evaluate_assets(critic, tmp_path / "m.jsonl", tmp_path / f"out{config.view_distance}", resolution=32, progress=False)
+        views = np.stack([np.asarray(v, dtype=float)[..., :3] for v in critic.views[0]])
+        return (views.min(-1) < 250).mean()
+
+    near, far = foreground(CriticConfig()), foreground(CriticConfig(view_distance=5.0))
+    # the box (scaled into the unit cube) covers an area falling as the square of the distance:
+    # about 4x less from 5.0 than from the default 2.5
+    assert 3.0 < near / far < 5.0
+
+
 def test_gaussian_views_show_the_red_splats(tiny):
     from coherendream.cameras import OrbitSpec
     from coherendream.eval.assets import render_gaussian_views

@@ -192,3 +192,17 @@ def test_cli_generate_runs_the_cpu_preset(tmp_path, critic_dir):
     assert json.loads((out / "layout.json").read_text())["prompt"] == "a red cube: on a blue sphere"
     res = CliRunner().invoke(app, ["generate", "-c", str(CPU_PRESET), "-o", str(tmp_path / "x"), "critic.path=" + str(tmp_path / "no-critic"), *FAST])
     assert res.exit_code == 2 and "no-critic" in res.output
+
+
+def test_a_critic_trained_from_another_distance_is_warned_about(tmp_path, critic_dir, critic):
+    import warnings
+
+    from coherendream.critic.model import CriticConfig
+
+    closer = Critic(critic.model, critic.processor, CriticConfig(view_distance=1.5))
+    with pytest.warns(UserWarning, match=r"distance 1\.5, outside cameras\.distance_range"):
+        generate(_config(tmp_path / "far", critic_dir, "steps=1"), critic=closer)
+    with warnings.catch_warnings(record=True) as caught:  # cameras around the critic's distance: no warning
+        warnings.simplefilter("always")
+        generate(_config(tmp_path / "near", critic_dir, "steps=1", "cameras.distance_range=[1.3,1.7]"), critic=closer)
+    assert not [w for w in caught if "distance_range" in str(w.message)]
