@@ -10,7 +10,8 @@
 #   bash benchmarks/train_embedded_critic.sh                 # work in /tmp/emb, install to critic/embedded
 #   WORK=/tmp/x DEST=/tmp/x/final bash benchmarks/train_embedded_critic.sh
 #
-# About 58 min on 2 idle cores (3220 s of training, 202 s of data, ~30 s of evaluation; measured).
+# About 58 min on 2 idle cores (3220 s of training, 202 s of data, ~30 s of evaluation; measured);
+# a later run took 61 min (3488 s + 176 s): stage times vary between runs.
 #
 # Each stage runs as NPROC data-parallel processes (torchrun, gloo backend, default 2: one per core
 # of the 2-core budget) of THREADS torch threads each (default 1); the configs' batch of 12 per
