@@ -52,6 +52,12 @@ def orbit_position(azimuth: float, elevation: float, distance: float) -> np.ndar
     return distance * np.array([math.cos(el) * math.sin(az), math.sin(el), math.cos(el) * math.cos(az)])
 
 
+def ring_azimuths(num_views: int) -> list[float]:
+    """``num_views`` azimuths (degrees) ``360 / num_views`` apart, the first at 0 (the front): the
+    views a critic is trained and scored on, and the ones the generator scores and saves."""
+    return [360.0 * i / num_views for i in range(num_views)]
+
+
 def intrinsics(fov_y: float, width: int, height: int) -> np.ndarray:
     """Pinhole ``K [3, 3]`` for a vertical field of view ``fov_y`` in degrees."""
     f = 0.5 * height / math.tan(math.radians(fov_y) / 2.0)
@@ -99,8 +105,8 @@ class Camera:
 
     @classmethod
     def ring(cls, num_views: int, elevation: float, distance: float, fov_y: float, width: int, height: int | None = None) -> list[Camera]:
-        """``num_views`` orbit cameras ``360 / num_views`` degrees apart, the first at azimuth 0."""
-        return [cls.orbit(360.0 * i / num_views, elevation, distance, fov_y, width, height) for i in range(num_views)]
+        """``num_views`` orbit cameras at :func:`ring_azimuths`."""
+        return [cls.orbit(a, elevation, distance, fov_y, width, height) for a in ring_azimuths(num_views)]
 
     @property
     def viewmat(self) -> np.ndarray:

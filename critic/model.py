@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from coherendream.cameras import OrbitSpec
+from coherendream.cameras import OrbitSpec, ring_azimuths
 from coherendream.grid import GridLayout, tile
 from coherendream.prompts import QUESTION_TEMPLATE, check_question_template, format_question, prompt_messages
 
@@ -112,7 +112,7 @@ class CriticConfig:
         (the first view the front), at the elevation, distance and FoV it was trained on."""
         default = OrbitSpec()
         return OrbitSpec(
-            azimuths=[360.0 * i / self.num_views for i in range(self.num_views)],
+            azimuths=ring_azimuths(self.num_views),
             elevation=default.elevation if self.view_elevation is None else float(self.view_elevation),
             distance=default.distance if self.view_distance is None else float(self.view_distance),
             fov_y=default.fov_y if self.view_fov_y is None else float(self.view_fov_y),

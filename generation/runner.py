@@ -38,7 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from coherendream.cameras import Camera
+from coherendream.cameras import Camera, ring_azimuths
 from coherendream.config import dump_yaml, to_dict
 from coherendream.generation.camera_sampler import OrbitCameraSampler
 from coherendream.generation.gaussians import GaussianModel
@@ -296,7 +296,7 @@ def render_views(model: GaussianModel, azimuths: list[float], settings: OutputSe
 @torch.no_grad()
 def score_model(model: GaussianModel, critic: Any, prompt: str, num_views: int, settings: OutputSettings, resolution: int, background: torch.Tensor, backend: str = "auto") -> dict[str, float]:
     """The critic's ``margin`` and ``prob_yes`` of ``num_views`` evenly spaced views (azimuth 0 first)."""
-    views = render_views(model, [360.0 * i / num_views for i in range(num_views)], settings, resolution, background, backend)
+    views = render_views(model, ring_azimuths(num_views), settings, resolution, background, backend)
     out = critic.score(views[None], [prompt])
     margin = float(out.margin.float().reshape(-1)[0])
     prob = float(out.prob_yes.float().reshape(-1)[0]) if hasattr(out, "prob_yes") else 1.0 / (1.0 + math.exp(-margin))
@@ -344,7 +344,7 @@ def write_outputs(model: GaussianModel, config: GenerateConfig, out: Path, backg
     _save_png(paths["grid"], grid)
     n = config.outputs.turntable_frames
     if n > 0:
-        frames = _to_uint8(render_views(model, [360.0 * i / n for i in range(n)], config.outputs, res, background, backend))
+        frames = _to_uint8(render_views(model, ring_azimuths(n), config.outputs, res, background, backend))
         paths["gif"] = out / "turntable.gif"
         with atomic_path(paths["gif"]) as tmp:
             iio.imwrite(tmp, list(frames), extension=".gif", duration=1000.0 / config.outputs.turntable_fps, loop=0)
