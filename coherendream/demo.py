@@ -37,7 +37,7 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig) -> dict:
     """Run the demo; returns the summary also written to ``summary.json``."""
-    from coherendream.config import from_dict, load_config
+    from coherendream.config import from_dict, load_config, to_dict
     from coherendream.critic.model import Critic, default_critic_path
     from coherendream.data.build import BuildConfig, build_dataset
     from coherendream.eval.critic_eval import evaluate_critic, per_type_table
@@ -62,7 +62,7 @@ def run_demo(config: DemoConfig) -> dict:
     build_dataset(from_dict(BuildConfig, {
         "output_dir": str(eval_set),
         "source": {"kind": "procedural", "num_scenes": config.eval_scenes},
-        "render": {"resolution": view_res, "orbit": {"azimuths": orbit.azimuths, "elevation": orbit.elevation, "distance": orbit.distance, "fov_y": orbit.fov_y}},
+        "render": {"resolution": view_res, "orbit": to_dict(orbit)},
         "splits": {"test": 1.0},
         "seed": config.eval_seed,
         "num_workers": config.num_workers,

@@ -102,10 +102,11 @@ class CriticConfig:
         self.no_variants = tuple(self.no_variants)
         if self.image_mode == "grid":
             self.layout()  # fail now, not at the first score, on a layout that cannot hold the views
-        for name in ("view_distance", "view_fov_y"):
-            value = getattr(self, name)
-            if value is not None and not 0 < value < (180 if name == "view_fov_y" else float("inf")):
-                raise ValueError(f"critic.{name} must be positive{' and below 180' if name == 'view_fov_y' else ''}, got {value}")
+        # written "not 0 < x" so that NaN is rejected too
+        if self.view_distance is not None and not 0 < self.view_distance:
+            raise ValueError(f"critic.view_distance must be positive, got {self.view_distance}")
+        if self.view_fov_y is not None and not 0 < self.view_fov_y < 180:
+            raise ValueError(f"critic.view_fov_y must be positive and below 180, got {self.view_fov_y}")
 
     def orbit(self) -> OrbitSpec:
         """Cameras for views this critic scores: ``num_views`` azimuths evenly spaced from 0

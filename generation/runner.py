@@ -442,10 +442,11 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
         # no critic given: the embedded procedural critic, as everywhere in the toolkit
         path = config.critic.path or default_critic_path()
         critic = Critic.from_pretrained(path, adapter=config.critic.adapter, dtype=config.critic.dtype, device=device)
-    critic_views = getattr(getattr(critic, "config", None), "num_views", None)
-    if critic is not None and critic_views is not None and critic_views != config.num_views:
+    critic_config = getattr(critic, "config", None)  # None without a critic, or for a scorer without a CriticConfig
+    critic_views = getattr(critic_config, "num_views", None)
+    if critic_views is not None and critic_views != config.num_views:
         raise ValueError(f"the critic expects {critic_views} views per sample but num_views={config.num_views}")
-    trained_at = getattr(getattr(critic, "config", None), "view_distance", None)
+    trained_at = getattr(critic_config, "view_distance", None)
     lo, hi = config.cameras.distance_range
     if trained_at is not None and not lo <= trained_at <= hi:
         # not an error: a user may mean it, but the critic then judges objects at a size it never saw
