@@ -261,6 +261,8 @@ def test_bad_config_is_rejected():
         CriticConfig(view_distance=0.0)
     with pytest.raises(ValueError, match="view_fov_y"):
         CriticConfig(view_fov_y=180.0)
+    with pytest.raises(ValueError, match="view_distance"):
+        CriticConfig(view_distance=float("nan"))
 
 
 def test_orbit_is_the_recorded_training_camera(tmp_path):
