@@ -17,7 +17,8 @@
 # of the 2-core budget) of THREADS torch threads each (default 1); the configs' batch of 12 per
 # process makes a global batch of 24. One process of 2 threads with a batch of 24 is as fast
 # (benchmarks/critic_train_ddp.py: 1.02x) and gives the same losses (tests/test_critic_train.py).
-# TEXT_HIDDEN is the text model's width (default 96, the shipped critic).
+# TEXT_HIDDEN is the text model's width (default 96, the shipped critic), TEXT_HEADS its number of attention
+# heads (default 4, the shipped critic; the one-layer vision tower gets as many, though its output is unused).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -27,6 +28,7 @@ DEST=${DEST:-critic/embedded}
 THREADS=${THREADS:-1}
 NPROC=${NPROC:-2}
 TEXT_HIDDEN=${TEXT_HIDDEN:-96}
+TEXT_HEADS=${TEXT_HEADS:-4}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$WORK"
 t0=$(date +%s)
@@ -44,7 +46,7 @@ t1=$(date +%s)
 # 2. random tiny critic: text $TEXT_HIDDEN (default 96) x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained from stage 5 on),
 #    image tokens = its patch embeddings (feature layer -2 of 2: its random layer blurred the colours),
 #    64 px, patch 8, initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
-[ -f "$WORK/tiny/model.safetensors" ] || $CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden "$TEXT_HIDDEN" --text-layers 3 \
+[ -f "$WORK/tiny/model.safetensors" ] || $CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden "$TEXT_HIDDEN" --text-layers 3 --text-heads "$TEXT_HEADS" \
     --vision-hidden 192 --vision-layers 1 --vision-feature-layer -2 --initializer-range 0.1 --seed 0
 
 # 3. curriculum (re-running keeps finished stages: a stage is finished once its model.safetensors is

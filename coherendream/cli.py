@@ -194,6 +194,7 @@ def critic_build_tiny(
     patch_size: Annotated[int, typer.Option(help="vision patch size; (image_size / patch_size)^2 image tokens")] = 8,
     text_hidden: Annotated[int, typer.Option(help="hidden size of the Llama text model")] = 64,
     text_layers: Annotated[int, typer.Option(help="decoder layers of the text model")] = 2,
+    text_heads: Annotated[int, typer.Option(help="attention heads of the text model (and of the vision tower)")] = 4,
     vision_hidden: Annotated[int, typer.Option(help="hidden size of the CLIP vision tower")] = 32,
     vision_layers: Annotated[int, typer.Option(help="encoder layers of the vision tower")] = 2,
     vision_feature_layer: Annotated[
@@ -207,7 +208,7 @@ def critic_build_tiny(
 
     path = build_tiny_critic(
         output, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden, text_layers=text_layers,
-        vision_hidden=vision_hidden, vision_layers=vision_layers, vision_feature_layer=vision_feature_layer,
+        num_heads=text_heads, vision_hidden=vision_hidden, vision_layers=vision_layers, vision_feature_layer=vision_feature_layer,
         initializer_range=initializer_range, seed=seed,
     )
     typer.echo(f"tiny critic written to {path}")

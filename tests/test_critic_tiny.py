@@ -166,12 +166,13 @@ def test_build_tiny_command_takes_the_model_sizes(tmp_path):
 
     out = tmp_path / "sized"
     res = CliRunner().invoke(app, ["critic", "build-tiny", str(out), "--image-size", "32", "--patch-size", "4", "--text-hidden", "48",
-                                   "--text-layers", "3", "--vision-hidden", "24", "--vision-layers", "1", "--vision-feature-layer", "-2",
-                                   "--initializer-range", "0.1"])
+                                   "--text-layers", "3", "--text-heads", "6", "--vision-hidden", "24", "--vision-layers", "1",
+                                   "--vision-feature-layer", "-2", "--initializer-range", "0.1"])
     assert res.exit_code == 0, res.output
     config = json.loads((out / "config.json").read_text())
     text, vision = config["text_config"], config["vision_config"]
     assert (text["hidden_size"], text["num_hidden_layers"], text["initializer_range"]) == (48, 3, 0.1)
+    assert (text["num_attention_heads"], text["num_key_value_heads"], vision["num_attention_heads"]) == (6, 6, 6)
     assert (vision["hidden_size"], vision["num_hidden_layers"], vision["patch_size"], vision["image_size"]) == (24, 1, 4, 32)
     assert config["vision_feature_layer"] == -2
 
