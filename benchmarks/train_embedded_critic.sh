@@ -11,7 +11,8 @@
 #   WORK=/tmp/x DEST=/tmp/x/final bash benchmarks/train_embedded_critic.sh
 #
 # About 58 min on 2 idle cores (3220 s of training, 202 s of data, ~30 s of evaluation; measured);
-# a later run took 61 min (3488 s + 176 s): stage times vary between runs.
+# a later run took 61 min (3488 s + 176 s), and one in session 11 91 min (5176 s + 301 s, an idle but slower
+# day): stage times vary by up to 1.6x between runs on the same machine.
 #
 # Each stage runs as NPROC data-parallel processes (torchrun, gloo backend, default 2: one per core
 # of the 2-core budget) of THREADS torch threads each (default 1); the configs' batch of 12 per
