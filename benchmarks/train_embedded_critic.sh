@@ -12,7 +12,8 @@
 #
 # About 58 min on 2 idle cores (3220 s of training, 202 s of data, ~30 s of evaluation; measured);
 # a later run took 61 min (3488 s + 176 s), and one in session 11 91 min (5176 s + 301 s, an idle but slower
-# day): stage times vary by up to 1.6x between runs on the same machine.
+# day): stage times vary by 1.6x between runs on the same machine, and by about 2x on some days
+# (critic/embedded/README.md, sessions 11 and 12).
 #
 # Each stage runs as NPROC data-parallel processes (torchrun, gloo backend, default 2: one per core
 # of the 2-core budget) of THREADS torch threads each (default 1); the configs' batch of 12 per
