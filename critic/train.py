@@ -35,6 +35,7 @@ from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, for
 # LoRA on the language model only: this regex does not match the CLIP tower's q/k/v_proj.
 LANGUAGE_MODEL_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 PROJECTOR_NAME = "multi_modal_projector"
+VISION_TOWER_NAME = "vision_tower"
 
 LLAVA15_TRAINING = {
     "learning_rate": 2e-4,
@@ -94,6 +95,9 @@ class CriticTrainConfig:
     # caption of two groups needs for each of its words, trained one word at a time
     presence_rows: int = 0
     projector_lr: float | None = 2e-5  # LLaVA's mm_projector_lr; None: the projector uses learning_rate
+    # an unfrozen vision tower's own learning rate (LLaVA-NeXT/OneVision's mm_vision_tower_lr, which
+    # keeps a pretrained tower's rate below the language model's); None: the tower uses learning_rate
+    vision_tower_lr: float | None = None
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     trust_remote_code: bool = False
     resume_from_checkpoint: str | None = "auto"  # "auto": the last complete checkpoint in output_dir, if any
@@ -317,33 +321,33 @@ def make_trainer(config: CriticTrainConfig, model=None, processor=None):
     if config.mode == "dpo":
         from trl import DPOTrainer
 
-        trainer_cls = _with_projector_lr(DPOTrainer)
+        trainer_cls = _with_module_lrs(DPOTrainer)
     else:
         from trl import SFTTrainer
 
-        trainer_cls = _with_projector_lr(SFTTrainer)
+        trainer_cls = _with_module_lrs(SFTTrainer)
     trainer = trainer_cls(**kwargs)
-    trainer.projector_lr = config.projector_lr
+    trainer.module_lrs = {name: lr for name, lr in ((PROJECTOR_NAME, config.projector_lr), (VISION_TOWER_NAME, config.vision_tower_lr)) if lr is not None}
     return trainer
 
 
-def _with_projector_lr(base):
+def _with_module_lrs(base):
     class CriticTrainer(base):
-        """Gives the multimodal projector its own learning rate, as LLaVA's trainer does."""
+        """Gives the parameters whose names contain a key of ``module_lrs`` that learning rate (the
+        multimodal projector's, as LLaVA's trainer does; a trained vision tower's)."""
 
-        projector_lr: float | None = None
+        module_lrs: dict[str, float] = {}
 
         def create_optimizer(self, model=None):
             optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-            if self.projector_lr is None:
-                return optimizer
             opt_model = self.model if model is None else model
-            projector = {id(p) for n, p in opt_model.named_parameters() if PROJECTOR_NAME in n and p.requires_grad}
-            for group in list(optimizer.param_groups):
-                moved = [p for p in group["params"] if id(p) in projector]
-                if moved:
-                    group["params"] = [p for p in group["params"] if id(p) not in projector]
-                    optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": self.projector_lr})
+            for name, lr in self.module_lrs.items():
+                ids = {id(p) for n, p in opt_model.named_parameters() if name in n and p.requires_grad}
+                for group in list(optimizer.param_groups):
+                    moved = [p for p in group["params"] if id(p) in ids]
+                    if moved:
+                        group["params"] = [p for p in group["params"] if id(p) not in ids]
+                        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr": lr})
             return optimizer
 
     CriticTrainer.__name__ = f"Critic{base.__name__}"

@@ -114,6 +114,30 @@ def test_projector_gets_its_own_learning_rate(tmp_path, tiny, dataset):
     assert not any("vision_tower" in n for n in lrs)  # frozen: not in the optimizer at all
 
 
+def test_trained_vision_tower_gets_its_own_learning_rate(tmp_path, tiny, dataset):
+    from coherendream.critic.train import make_trainer
+
+    cfg = train_config(tiny, dataset, tmp_path / "opt", max_steps=10, warmup_steps=0, lr_scheduler_type="cosine")
+    cfg.use_lora, cfg.freeze_vision_tower, cfg.vision_tower_lr = False, False, 1e-4
+    trainer = make_trainer(cfg)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    lrs = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    assert set(lrs) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # every trained weight, once
+    by_module = {}
+    for n, lr in lrs.items():
+        key = "vision_tower" if "vision_tower" in n else "multi_modal_projector" if "multi_modal_projector" in n else "other"
+        by_module.setdefault(key, set()).add(lr)
+    assert by_module == {"vision_tower": {1e-4}, "multi_modal_projector": {2e-5}, "other": {3e-3}}
+    # the schedule scales every group alike: halfway through the cosine each rate is half its own
+    scheduler = trainer.create_scheduler(num_training_steps=10, optimizer=optimizer)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    halfway = {round(g["lr"] / 1e-6, 6) for g in optimizer.param_groups}  # groups split by weight decay too
+    assert halfway == {round(0.5 * lr / 1e-6, 6) for lr in (1e-4, 2e-5, 3e-3)}
+
+
 def test_caption_rows_add_one_description_per_asset(tiny, dataset):
     from coherendream.critic.train import load_rows
     from coherendream.prompts import format_describe
