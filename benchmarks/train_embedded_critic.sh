@@ -21,6 +21,7 @@
 # (benchmarks/critic_train_ddp.py: 1.02x) and gives the same losses (tests/test_critic_train.py).
 # TEXT_HIDDEN is the text model's width (default 96, the shipped critic), TEXT_HEADS its number of attention
 # heads (default 4, the shipped critic; the one-layer vision tower gets as many, though its output is unused).
+# TINY_SEED draws the random start (default 0, the shipped critic); the data and the stages' seeds stay as they are.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -31,6 +32,7 @@ THREADS=${THREADS:-1}
 NPROC=${NPROC:-2}
 TEXT_HIDDEN=${TEXT_HIDDEN:-96}
 TEXT_HEADS=${TEXT_HEADS:-4}
+TINY_SEED=${TINY_SEED:-0}
 export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$WORK"
 t0=$(date +%s)
@@ -49,7 +51,7 @@ t1=$(date +%s)
 #    image tokens = its patch embeddings (feature layer -2 of 2: its random layer blurred the colours),
 #    64 px, patch 8, initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
 [ -f "$WORK/tiny/model.safetensors" ] || $CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden "$TEXT_HIDDEN" --text-layers 3 --text-heads "$TEXT_HEADS" \
-    --vision-hidden 192 --vision-layers 1 --vision-feature-layer -2 --initializer-range 0.1 --seed 0
+    --vision-hidden 192 --vision-layers 1 --vision-feature-layer -2 --initializer-range 0.1 --seed "$TINY_SEED"
 
 # 3. curriculum (re-running keeps finished stages: a stage is finished once its model.safetensors is
 #    written; training_seconds then counts only the stages run this time)
