@@ -96,17 +96,19 @@ def test_lora_sft_trains_merges_and_scores_the_same(tmp_path, tiny, dataset):
     assert not torch.allclose(base_scores.margin, adapter_scores.margin, atol=1e-3)  # training changed the critic
 
 
+def learning_rates(model, optimizer) -> dict[str, float]:
+    """Each parameter in ``optimizer``, by its name in ``model``: the learning rate of its group."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+
+
 def test_projector_gets_its_own_learning_rate(tmp_path, tiny, dataset):
     from coherendream.critic.train import make_trainer
 
     cfg = train_config(tiny, dataset, tmp_path / "opt")
     trainer = make_trainer(cfg)
     optimizer = trainer.create_optimizer()
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    lrs = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            lrs[names[id(p)]] = group["lr"]
+    lrs = learning_rates(trainer.model, optimizer)
     projector = [lr for n, lr in lrs.items() if "multi_modal_projector" in n]
     others = [lr for n, lr in lrs.items() if "multi_modal_projector" not in n]
     assert projector and set(projector) == {2e-5}
@@ -121,8 +123,7 @@ def test_trained_vision_tower_gets_its_own_learning_rate(tmp_path, tiny, dataset
     cfg.use_lora, cfg.freeze_vision_tower, cfg.vision_tower_lr = False, False, 1e-4
     trainer = make_trainer(cfg)
     optimizer = trainer.create_optimizer()
-    names = {id(p): n for n, p in trainer.model.named_parameters()}
-    lrs = {names[id(p)]: group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    lrs = learning_rates(trainer.model, optimizer)
     assert set(lrs) == {n for n, p in trainer.model.named_parameters() if p.requires_grad}  # every trained weight, once
     by_module = {}
     for n, lr in lrs.items():
