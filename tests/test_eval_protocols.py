@@ -82,7 +82,11 @@ def test_prompt_files_and_slugs(tmp_path):
     assert slugs[:2] == ["a_red_cube", "a_red_cube_2"]
     assert len(set(slugs)) == len(slugs)
     assert all(s and len(s) <= 80 and all(c.isalnum() or c == "_" for c in s) for s in slugs)
-    real = t3bench.read_prompt_file(Path(__file__).resolve().parents[2] / "shared/bench/t3bench/prompt_multi.txt")
+
+
+
+def test_slugs_of_the_real_t3bench_prompts_are_distinct(t3bench_dir):
+    real = t3bench.read_prompt_file(t3bench_dir / "prompt_multi.txt")
     assert len(real) == 100 and len(set(t3bench.prompt_slugs(real))) == 100
 
 

@@ -27,15 +27,8 @@ from coherendream.generation.layout import (
 from coherendream.generation.layout_llm import _EXAMPLE_LAYOUT, OpenAIPlanner, TransformersPlanner, build_messages
 from coherendream.generation.layout_rules import RuleBasedPlanner
 
-# The benchmark prompt sets live in ../shared/bench beside the repository (never copied into it).
-BENCH = Path(__file__).resolve().parents[2] / "shared" / "bench" / "t3bench"
-
-
-def _prompts(name: str) -> list[str]:
-    path = BENCH / f"prompt_{name}.txt"
-    if not path.exists():
-        raise FileNotFoundError(f"T3Bench prompts not found at {path}: the tests read ../shared/bench beside the repository")
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+def _prompts(bench: Path, name: str) -> list[str]:
+    return [line.strip() for line in (bench / f"prompt_{name}.txt").read_text().splitlines() if line.strip()]
 
 
 def _obj(name, center, size, prompt=None):
@@ -169,8 +162,8 @@ def rules() -> RuleBasedPlanner:
 
 
 @pytest.mark.parametrize("name", ["single", "surr", "multi"])
-def test_every_t3bench_prompt_gives_a_valid_layout(rules, name):
-    prompts = _prompts(name)
+def test_every_t3bench_prompt_gives_a_valid_layout(rules, name, t3bench_dir):
+    prompts = _prompts(t3bench_dir, name)
     multi = 0
     for p in prompts:
         result = rules.plan(p)
