@@ -1,8 +1,17 @@
-"""Score distillation sampling (SDS) from a diffusers text-to-image latent diffusion model.
+"""Score distillation sampling (SDS) from a diffusers text-to-image diffusion model.
 
-This is the "Prior" of TCSD generation (design card, "Generation (TCSD)"): renders of the 3D
-representation are resized, encoded by the model's VAE, noised at a random timestep ``t``, and
-the frozen UNet's classifier-free-guided noise prediction gives the per-latent gradient
+This is the "Prior" of TCSD generation (design card, "Generation (TCSD)"). Two kinds of model sit
+behind one interface, chosen from the pipeline folder's contents:
+
+- **latent** (a ``vae/`` folder: Stable Diffusion): renders are resized to the model's size and
+  encoded by the VAE; the "latents" below are the VAE's scaled latents;
+- **pixel-space** (no ``vae/``: DeepFloyd IF stage I, the embedded prior): renders are resized to
+  the UNet's ``sample_size`` and mapped to [-1, 1]; the "latents" below are those pixels. A UNet
+  whose output carries learned-variance channels (IF: 6 = noise + variance) contributes its noise
+  half only.
+
+The renders are noised at a random timestep ``t``, and the frozen UNet's classifier-free-guided
+noise prediction gives the per-latent gradient
 
     grad = w(t) * (eps_hat - eps),   eps_hat = eps_u + s * (eps_c - eps_u),   w(t) = 1 - alpha_bar_t
 
@@ -12,12 +21,14 @@ detached-target trick
     loss_sds = 0.5 * mse(latents, (latents - grad).detach(), reduction="sum") / B
 
 whose derivative with respect to ``latents`` is exactly ``grad / B``: autograd then carries the
-gradient through the VAE encoder into the renders without ever differentiating the UNet.
+gradient through the VAE encoder (or the resize) into the renders without ever differentiating the
+UNet.
 
 Conventions:
 
 - Images are ``[B, 3, H, W]`` float tensors in ``[0, 1]``; latents are ``[B, C, h, w]`` in the
-  model's scaled latent space (``vae.encode(2 * rgb - 1).mode() * scaling_factor``).
+  model's scaled latent space (``vae.encode(2 * rgb - 1).mode() * scaling_factor``), or for a
+  pixel-space model ``2 * resize(rgb) - 1`` (``C = 3``).
 - **One timestep per call, shared by every sample of the batch** (MVDream style): the B images
   of a call are views of the same object at the same optimisation step, and a shared ``t`` keeps
   their gradients at one noise level (and makes the weights ``w(t)`` equal across views). The
@@ -48,7 +59,15 @@ from coherendream.generation.camera_sampler import view_direction, view_prompt  
 if TYPE_CHECKING:  # pragma: no cover - typing only; diffusers/transformers load lazily.
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
-    from transformers import CLIPTextModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: The prior used on a GPU when none is named (the design's default latent prior).
+DEFAULT_GPU_PRIOR = "stabilityai/stable-diffusion-2-1-base"
+# Text encoders a prior folder may name in its model_index.json. The class is looked up in this
+# table, never imported from the name, so a downloaded config cannot select code to run.
+_TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
+#: SD's CLIP context, and the length IF's pipeline pads its T5 prompts to.
+TEXT_MAX_LENGTH = 77
 
 __all__ = [
     "SDSConfig",
@@ -76,13 +95,16 @@ class SDSConfig:
     """Settings of the SDS prior.
 
     Attributes:
-        pretrained_model_name_or_path: Hub id or local folder of a diffusers SD-style pipeline
-            (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``). Weights must
-            be safetensors; no remote code is ever run.
+        pretrained_model_name_or_path: Hub id or local folder of a diffusers pipeline: latent
+            (``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``; SD) or
+            pixel-space (the same without ``vae/``; DeepFloyd IF stage I, the embedded prior).
+            Weights must be safetensors; no remote code is ever run. ``None``: the embedded prior
+            on a CPU, ``stabilityai/stable-diffusion-2-1-base`` on a GPU.
         revision: Hub revision (branch, tag or commit) to pin; ``None`` = the default branch.
+        variant: Weights variant to load, e.g. ``"fp16"`` for IF's ``*.fp16.safetensors``.
         local_files_only: Never touch the network (also implied by ``HF_HUB_OFFLINE=1``).
         guidance_scale: CFG scale ``s`` in ``eps_u + s * (eps_c - eps_u)``; 100 is SDS's usual
-            value for SD (DreamFusion/threestudio), much higher than sampling's 7.5.
+            value for SD (DreamFusion/threestudio), much higher than sampling's 7.5; 20 for IF.
         negative_prompt: Text of the unconditional branch ("" = the usual unconditional).
         min_step_percent, max_step_percent: ``t`` range as fractions of the training timesteps
             at the start of the annealing window (``0.02, 0.98`` -> t in [20, 980] for 1000 steps).
@@ -98,15 +120,19 @@ class SDSConfig:
         half_precision: On CUDA, load the networks in half precision (``half_dtype``). On CPU
             everything stays float32 (half matmuls there are slow or missing).
         half_dtype: ``"fp16"`` or ``"bf16"`` (bf16 has fp32's range: no VAE overflows).
-        resolution: Side (px) the renders are resized to before the VAE. ``None`` = the model's
-            native size, ``unet.sample_size * vae_scale_factor`` (512 for SD 2.1-base, 32 for
-            the tiny test prior).
+        text_encoder_device: Where the text encoder runs; ``None`` = with the UNet. ``"cpu"``
+            keeps a large encoder (IF's T5-XXL, 9.5 GB in fp16) off the GPU: each distinct prompt
+            is encoded once per run and cached, so its slowness there costs seconds, not steps.
+        resolution: Side (px) the renders are resized to before the VAE (or, pixel-space, the
+            UNet). ``None`` = the model's native size, ``unet.sample_size * vae_scale_factor``
+            (512 for SD 2.1-base, 64 for IF stage I, 32 for the embedded and tiny test priors).
         view_dependent_prompting: Whether :meth:`SDSGuidance.prompts_for_views` appends
             "front/side/back/overhead view" to the prompt (DreamFusion's view-dependent text).
     """
 
-    pretrained_model_name_or_path: str = "stabilityai/stable-diffusion-2-1-base"
+    pretrained_model_name_or_path: str | None = None
     revision: str | None = None
+    variant: str | None = None
     local_files_only: bool = False
     guidance_scale: float = 100.0
     negative_prompt: str = ""
@@ -120,6 +146,7 @@ class SDSConfig:
     grad_clip: float | None = 8.0
     half_precision: bool = True
     half_dtype: Literal["fp16", "bf16"] = "fp16"
+    text_encoder_device: str | None = None
     resolution: int | None = None
     view_dependent_prompting: bool = True
 
@@ -312,11 +339,12 @@ def to_epsilon(model_output: torch.Tensor, latents_noisy: torch.Tensor, alphas_c
 
 
 class SDSGuidance:
-    """Frozen SD-style prior that turns renders into an SDS loss.
+    """Frozen diffusion prior (latent or pixel-space) that turns renders into an SDS loss.
 
     Build it with :meth:`from_pretrained` (hub id or local folder) or from already loaded
-    components. All networks are frozen (``requires_grad_(False)``, ``eval()``); the only
-    gradients that flow are those from ``loss_sds`` back through the VAE encoder into the renders.
+    components (``vae=None``: pixel-space). All networks are frozen (``requires_grad_(False)``,
+    ``eval()``); the only gradients that flow are those from ``loss_sds`` back through the VAE
+    encoder (or the resize) into the renders.
 
     Text embeddings are computed once per distinct prompt (the negative prompt included) and kept
     in a per-instance cache, so view-dependent prompts ("..., side view") cost one text-encoder
@@ -326,8 +354,8 @@ class SDSGuidance:
     def __init__(
         self,
         unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
+        vae: AutoencoderKL | None,
+        text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: SchedulerMixin,
         config: SDSConfig | None = None,
@@ -335,19 +363,26 @@ class SDSGuidance:
         self.config = config if config is not None else SDSConfig()
         self.unet, self.vae, self.text_encoder, self.tokenizer, self.scheduler = unet, vae, text_encoder, tokenizer, scheduler
         for module in (unet, vae, text_encoder):
-            module.requires_grad_(False)
-            module.eval()
+            if module is not None:
+                module.requires_grad_(False)
+                module.eval()
         self.num_train_timesteps = int(scheduler.config.num_train_timesteps)
         self.prediction_type = str(getattr(scheduler.config, "prediction_type", "epsilon"))
         # Kept in float32 whatever the weights' dtype: 1 - ab_t near t=0 underflows in fp16.
         self.alphas_cumprod = scheduler.alphas_cumprod.detach().to(self.device, torch.float32)
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        self.latent_channels = int(unet.config.in_channels)
         sample_size = unet.config.sample_size
         sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else int(sample_size)
         self.resolution = self.config.resolution or sample_size * self.vae_scale_factor
         self._text_cache: dict[str, torch.Tensor] = {}
 
     # ----- construction ---------------------------------------------------------------------
+
+    @property
+    def pixel_space(self) -> bool:
+        """True for a model without a VAE (IF stage I, the embedded prior)."""
+        return self.vae is None
 
     @classmethod
     def from_pretrained(
@@ -356,37 +391,60 @@ class SDSGuidance:
         config: SDSConfig | None = None,
         device: torch.device | str | None = None,
     ) -> SDSGuidance:
-        """Load the five components of a diffusers SD-style pipeline and freeze them.
+        """Load a diffusers pipeline's components and freeze them.
+
+        The folder's ``model_index.json`` decides the kind: a ``vae`` entry means a latent model,
+        none a pixel-space one; its ``text_encoder`` entry must name one of CLIP's or T5's
+        encoders (looked up in a fixed table). Safety checkers, watermarkers and feature
+        extractors are never loaded.
 
         Args:
             pretrained_model_name_or_path: Hub id or local folder; overrides
-                ``config.pretrained_model_name_or_path`` when given.
+                ``config.pretrained_model_name_or_path`` when given. Neither given: the embedded
+                prior on a CPU, :data:`DEFAULT_GPU_PRIOR` on CUDA.
             config: Settings; defaults to :class:`SDSConfig()`.
             device: Where to run; default CUDA when available, else CPU. The weights dtype
                 follows :meth:`SDSConfig.torch_dtype`.
         """
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        import transformers
+        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from transformers import AutoTokenizer
 
         config = config if config is not None else SDSConfig()
         if pretrained_model_name_or_path is not None:
             config = dataclasses.replace(config, pretrained_model_name_or_path=str(pretrained_model_name_or_path))
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.pretrained_model_name_or_path is None:
+            from coherendream.generation.pixel_prior import default_prior_path
+
+            default = str(default_prior_path()) if device.type == "cpu" else DEFAULT_GPU_PRIOR
+            config = dataclasses.replace(config, pretrained_model_name_or_path=default)
+        text_device = torch.device(config.text_encoder_device) if config.text_encoder_device else device
         dtype = config.torch_dtype(device)
         path = config.pretrained_model_name_or_path
         hub = {"revision": config.revision, "local_files_only": config.local_files_only}
+        try:
+            index = DiffusionPipeline.load_config(path, **hub)
+        except (OSError, ValueError) as err:
+            raise OSError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
+        text_class = (index.get("text_encoder") or [None, None])[1]
+        if text_class not in _TEXT_ENCODERS:
+            raise ValueError(f"prior {path!r}: text encoder {text_class!r} is not supported (one of {', '.join(_TEXT_ENCODERS)})")
+        latent = (index.get("vae") or [None, None])[1] is not None
+        weights = {"use_safetensors": True, "variant": config.variant, **hub}
         # Concrete classes, not Auto*: nothing named in a downloaded config can select code to
         # run, and use_safetensors=True refuses pickled weights outright.
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True, **hub)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True, **hub)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype, use_safetensors=True, **hub)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
-        # Only alphas_cumprod and the prediction type are used; DDPMScheduler reads any SD
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **weights) if latent else None
+        text_encoder = getattr(transformers, text_class).from_pretrained(path, subfolder="text_encoder", dtype=config.torch_dtype(text_device), **weights)
+        tokenizer = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **hub)
+        # Only alphas_cumprod and the prediction type are used; DDPMScheduler reads any SD or IF
         # scheduler config (PNDM, DDIM...) since they share the beta schedule fields.
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub)
         unet.to(device)
-        vae.to(device)
-        text_encoder.to(device)
+        if vae is not None:
+            vae.to(device)
+        text_encoder.to(text_device)
         return cls(unet, vae, text_encoder, tokenizer, scheduler, config=config)
 
     @property
@@ -401,12 +459,18 @@ class SDSGuidance:
 
     @torch.no_grad()
     def _encode_prompt(self, prompt: str) -> torch.Tensor:
-        """``[1, L, D]`` last hidden state of the text encoder for one prompt (SD's conditioning)."""
-        max_length = int(self.tokenizer.model_max_length)
+        """``[1, L, D]`` last hidden state of the text encoder for one prompt (the UNet's conditioning).
+
+        Padded to ``min(tokenizer.model_max_length, 77)`` tokens: CLIP's context, and what IF's
+        pipeline pads T5 prompts to (T5's own limit is 512).
+        """
+        max_length = min(int(self.tokenizer.model_max_length), TEXT_MAX_LENGTH)
         tokens = self.tokenizer(prompt, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         device = self.text_encoder.device
-        # SD checkpoints are trained without a text attention mask; follow the encoder's config.
-        mask = tokens.attention_mask.to(device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        # SD's CLIP is trained without a text attention mask (follow the encoder's config); IF's
+        # T5 always sees it.
+        use_mask = self.text_encoder.config.model_type == "t5" or getattr(self.text_encoder.config, "use_attention_mask", False)
+        mask = tokens.attention_mask.to(device) if use_mask else None
         hidden = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return hidden.to(device=self.device, dtype=self.dtype)
 
@@ -433,7 +497,7 @@ class SDSGuidance:
     # ----- images <-> latents ---------------------------------------------------------------
 
     def encode_images(self, rgb: torch.Tensor) -> torch.Tensor:
-        """Encode renders to scaled latents, differentiably.
+        """Encode renders to scaled latents (pixel-space: to pixels in [-1, 1]), differentiably.
 
         Args:
             rgb: ``[B, 3, H, W]`` in ``[0, 1]`` (any H, W: resized to ``self.resolution``).
@@ -441,6 +505,7 @@ class SDSGuidance:
             ``[B, C, R/f, R/f]`` float32 latents (R = resolution, f = VAE downsampling),
             ``(posterior.mode() - shift) * scaling_factor``. The posterior mode (not a sample)
             keeps the encoding deterministic; its std is negligible for SD's VAE anyway.
+            Pixel-space: ``[B, 3, R, R]``, ``2 * resize(rgb) - 1``.
         """
         if rgb.ndim != 4 or rgb.shape[1] != 3:
             raise ValueError(f"expected rgb of shape [B, 3, H, W], got {tuple(rgb.shape)}")
@@ -449,6 +514,8 @@ class SDSGuidance:
         if tuple(x.shape[-2:]) != size:
             # antialias matters only when downsampling large renders; it is a no-op upwards.
             x = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        if self.vae is None:
+            return x.float() * 2.0 - 1.0
         x = (x * 2.0 - 1.0).to(self.vae.dtype)
         latents = self.vae.encode(x).latent_dist.mode()
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
@@ -457,9 +524,11 @@ class SDSGuidance:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode scaled latents ``[B, C, h, w]`` to RGB ``[B, 3, h*f, w*f]`` float32 in ``[0, 1]``.
 
-        Not wrapped in ``no_grad``: callers decide (e.g. wrap it to save memory when the result
-        only feeds a straight-through estimator).
+        Pixel-space: ``(x + 1) / 2``, clamped. Not wrapped in ``no_grad``: callers decide (e.g. wrap
+        it to save memory when the result only feeds a straight-through estimator).
         """
+        if self.vae is None:
+            return (latents.float().to(self.device) / 2.0 + 0.5).clamp(0.0, 1.0)
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.device, self.vae.dtype) / self.vae.config.scaling_factor + shift
         image = self.vae.decode(z).sample
@@ -491,14 +560,15 @@ class SDSGuidance:
         Args:
             latents_noisy: ``[B, C, h, w]``; t: ``[B]`` long; prompts: ``B`` strings.
         Returns:
-            ``(eps_uncond, eps_text)``, each ``[B, C, h, w]`` float32 epsilon predictions.
+            ``(eps_uncond, eps_text)``, each ``[B, C, h, w]`` float32 epsilon predictions. A UNet
+            with learned-variance channels (``2C`` outputs, IF) contributes its first ``C``.
         """
         B = latents_noisy.shape[0]
         text = self.get_text_embeddings(list(prompts))
         uncond = self.get_text_embeddings([self.config.negative_prompt] * B)
         x = torch.cat([latents_noisy, latents_noisy], dim=0).to(self.device, self.dtype)
         tt = torch.cat([t, t], dim=0).to(self.device)
-        out = self.unet(x, tt, encoder_hidden_states=torch.cat([text, uncond], dim=0)).sample
+        out = self.unet(x, tt, encoder_hidden_states=torch.cat([text, uncond], dim=0)).sample[:, : self.latent_channels]
         eps = to_epsilon(out, torch.cat([latents_noisy, latents_noisy], dim=0), self.alphas_cumprod, tt, self.prediction_type)
         eps_text, eps_uncond = eps.chunk(2, dim=0)
         return eps_uncond, eps_text

@@ -1,4 +1,5 @@
-"""SDS prior: tiny offline prior, gradient maths, CFG, timestep annealing, text cache."""
+"""SDS prior: tiny offline priors (latent SD-shaped and pixel-space IF-shaped), gradient maths, CFG,
+timestep annealing, text cache. The gradient tests run on both kinds of prior."""
 
 from __future__ import annotations
 
@@ -41,9 +42,35 @@ def prior_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def guidance(prior_dir):
+def pixel_prior_dir(tiny_if_prior_dir):
+    return tiny_if_prior_dir
+
+
+@pytest.fixture(scope="module")
+def latent_guidance(prior_dir):
     # grad_clip=None so that the exactness tests compare against the unclipped formula.
     return SDSGuidance.from_pretrained(prior_dir, config=SDSConfig(local_files_only=True, grad_clip=None), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pixel_guidance(pixel_prior_dir):
+    return SDSGuidance.from_pretrained(pixel_prior_dir, config=SDSConfig(local_files_only=True, grad_clip=None), device="cpu")
+
+
+@pytest.fixture(params=["latent", "pixel"])
+def guidance(request):
+    """Each gradient test runs on the latent (SD-shaped) and the pixel-space (IF-shaped) prior."""
+    return request.getfixturevalue(f"{request.param}_guidance")
+
+
+def _latent_shape(g: SDSGuidance, batch: int) -> tuple[int, int, int, int]:
+    side = g.resolution // g.vae_scale_factor
+    return (batch, g.latent_channels, side, side)
+
+
+def _eps(g: SDSGuidance, x: torch.Tensor, t: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """The UNet's noise prediction, its learned-variance half (if any) dropped."""
+    return g.unet(x, t, encoder_hidden_states=hidden).sample[:, : x.shape[1]]
 
 
 def _with_config(g: SDSGuidance, **changes) -> SDSGuidance:
@@ -52,10 +79,12 @@ def _with_config(g: SDSGuidance, **changes) -> SDSGuidance:
 
 
 def _embed(g: SDSGuidance, prompt: str) -> torch.Tensor:
-    """Text embedding computed independently of SDSGuidance's cache."""
-    ids = g.tokenizer(prompt, padding="max_length", max_length=g.tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    """Text embedding computed independently of SDSGuidance's cache: CLIP unmasked (SD), T5 with
+    its attention mask (IF), both padded to 77 tokens."""
+    tokens = g.tokenizer(prompt, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    mask = tokens.attention_mask if g.text_encoder.config.model_type == "t5" else None
     with torch.no_grad():
-        return g.text_encoder(ids)[0]
+        return g.text_encoder(tokens.input_ids, attention_mask=mask)[0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -127,8 +156,8 @@ def test_sds_guidance_from_pretrained_local_dir(prior_dir, no_network):
 # --------------------------------------------------------------------------------------------
 
 
-def test_encode_images_formula_resize_and_differentiability(guidance):
-    g = guidance
+def test_encode_images_formula_resize_and_differentiability(latent_guidance):
+    g = latent_guidance
     rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = g.vae.encode(rgb * 2 - 1).latent_dist.mode() * g.vae.config.scaling_factor
@@ -148,6 +177,37 @@ def test_encode_images_formula_resize_and_differentiability(guidance):
         g.encode_images(torch.rand(2, 4, 32, 32))
 
 
+def test_pixel_prior_folder_has_if_layout_and_loads_as_pixel_space(pixel_prior_dir, pixel_guidance, no_network):
+    from transformers import T5EncoderModel
+
+    d = pixel_prior_dir
+    assert {p.name for p in d.iterdir() if p.is_dir()} == {"unet", "text_encoder", "tokenizer", "scheduler"}  # no vae/
+    assert list((d / "unet").glob("*.safetensors")) and not list(d.rglob("*.bin"))
+    g = SDSGuidance.from_pretrained(d, config=SDSConfig(local_files_only=True), device="cpu")
+    assert g.pixel_space and g.vae is None and isinstance(g.text_encoder, T5EncoderModel)
+    assert g.resolution == 32 and g.vae_scale_factor == 1 and g.latent_channels == 3
+    assert g.unet.config.out_channels == 6  # noise + learned variance, as IF stage I
+    # IF's cosine schedule (squaredcos_cap_v2), not SD's scaled-linear one.
+    steps = torch.arange(1001, dtype=torch.float64) / 1000
+    f = torch.cos((steps + 0.008) / 1.008 * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    torch.testing.assert_close(g.alphas_cumprod, torch.cumprod(1 - betas, 0).float())
+
+
+def test_pixel_encode_is_scaled_pixels_and_the_gradient_reaches_the_image(pixel_guidance):
+    g = pixel_guidance
+    rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(11), requires_grad=True)
+    torch.testing.assert_close(g.encode_images(rgb), rgb.detach() * 2 - 1)
+    torch.testing.assert_close(g.decode_latents(g.encode_images(rgb).detach()), rgb.detach())
+    assert g.encode_images(torch.rand(1, 3, 64, 48)).shape == (1, 3, 32, 32)  # resized to the UNet's size
+
+    # At the native size the image is the latent up to x -> 2x - 1: d loss / d rgb = 2 * grad / B.
+    out = g(rgb, "a red cube", t=400, noise=torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(12)))
+    out.loss_sds.backward()
+    torch.testing.assert_close(rgb.grad, 2 * out.grad / 2)
+    assert out.grad.abs().sum() > 0
+
+
 # --------------------------------------------------------------------------------------------
 # SDS gradient and CFG against independent computations
 # --------------------------------------------------------------------------------------------
@@ -157,7 +217,7 @@ def test_loss_gradient_on_latents_equals_weighted_noise_residual(guidance):
     g = guidance
     B, t_value = 2, 500
     rgb = torch.rand(B, 3, 32, 32, generator=torch.Generator().manual_seed(2), requires_grad=True)
-    noise = torch.randn(B, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(_latent_shape(g, B), generator=torch.Generator().manual_seed(3))
     out = g(rgb, "a red cube", t=t_value, noise=noise)
     assert isinstance(out, GuidanceOutput)
     assert out.t.tolist() == [t_value] * B
@@ -169,8 +229,8 @@ def test_loss_gradient_on_latents_equals_weighted_noise_residual(guidance):
     torch.testing.assert_close(out.latents_noisy, noisy)
     tt = torch.full((B,), t_value)
     with torch.no_grad():
-        eps_c = g.unet(noisy, tt, encoder_hidden_states=_embed(g, "a red cube").expand(B, -1, -1)).sample
-        eps_u = g.unet(noisy, tt, encoder_hidden_states=_embed(g, "").expand(B, -1, -1)).sample
+        eps_c = _eps(g, noisy, tt, _embed(g, "a red cube").expand(B, -1, -1))
+        eps_u = _eps(g, noisy, tt, _embed(g, "").expand(B, -1, -1))
     eps_hat = eps_u + 100.0 * (eps_c - eps_u)
     expected = (1 - ab) * (eps_hat - noise)
     scale = expected.abs().max().item()
@@ -190,12 +250,12 @@ def test_cfg_matches_separate_conditional_and_unconditional_passes(guidance):
     g = _with_config(guidance, guidance_scale=7.5, negative_prompt="blurry")
     prompts = ["a red cube", "a blue ball"]  # per-view prompts: order must be kept
     rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    out = g(rgb, prompts, t=torch.tensor([250, 250]), noise=torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)))
+    out = g(rgb, prompts, t=torch.tensor([250, 250]), noise=torch.randn(_latent_shape(g, 2), generator=torch.Generator().manual_seed(5)))
     for i, prompt in enumerate(prompts):
         x, tt = out.latents_noisy[i : i + 1], out.t[i : i + 1]
         with torch.no_grad():
-            eps_c = g.unet(x, tt, encoder_hidden_states=_embed(g, prompt)).sample
-            eps_u = g.unet(x, tt, encoder_hidden_states=_embed(g, "blurry")).sample
+            eps_c = _eps(g, x, tt, _embed(g, prompt))
+            eps_u = _eps(g, x, tt, _embed(g, "blurry"))
         torch.testing.assert_close(out.noise_pred_text[i : i + 1], eps_c, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.noise_pred_uncond[i : i + 1], eps_u, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(out.noise_pred[i : i + 1], eps_u + 7.5 * (eps_c - eps_u), rtol=1e-4, atol=1e-4)
@@ -205,8 +265,8 @@ def test_cfg_matches_separate_conditional_and_unconditional_passes(guidance):
 
 def test_pred_x0_inverts_the_forward_noising_and_decodes(guidance):
     alphas = guidance.alphas_cumprod
-    x0 = torch.randn(3, 4, 8, 8)
-    eps = torch.randn(3, 4, 8, 8)
+    x0 = torch.randn(_latent_shape(guidance, 3))
+    eps = torch.randn(_latent_shape(guidance, 3))
     t = torch.tensor([10, 400, 900])
     torch.testing.assert_close(predict_x0(add_noise(x0, eps, alphas, t), eps, alphas, t), x0, rtol=1e-4, atol=1e-4)
 
@@ -217,8 +277,8 @@ def test_pred_x0_inverts_the_forward_noising_and_decodes(guidance):
     assert image.shape == (2, 3, 32, 32) and image.min() >= 0 and image.max() <= 1
 
 
-def test_to_epsilon_converts_v_and_sample_predictions(guidance):
-    alphas = guidance.alphas_cumprod
+def test_to_epsilon_converts_v_and_sample_predictions(latent_guidance):
+    alphas = latent_guidance.alphas_cumprod
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([100, 700])
     ab = alphas[t].reshape(-1, 1, 1, 1)
@@ -341,7 +401,7 @@ def test_sds_step_updates_an_image_parameter(guidance):
     assert not torch.equal(param.detach(), before)
     # The prior stays frozen: nothing accumulates on its weights.
     for module in (g.unet, g.vae, g.text_encoder):
-        assert all(p.grad is None for p in module.parameters())
+        assert module is None or all(p.grad is None for p in module.parameters())
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +430,7 @@ def test_text_encoder_runs_once_per_distinct_prompt(guidance):
         assert emb.shape[0] == 4
         assert torch.equal(emb[1], emb[3]) and not torch.equal(emb[0], emb[1])
         torch.testing.assert_close(emb[2:3], _embed(g, "a dog, back view"))
-        assert torch.isfinite(out.grad).all() and out.grad.shape == (4, 4, 8, 8)
+        assert torch.isfinite(out.grad).all() and out.grad.shape == _latent_shape(g, 4)
     finally:
         handle.remove()
 

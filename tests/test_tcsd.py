@@ -1,6 +1,6 @@
 """TCSD objective: gradient-norm matching, the critic term's gradient, schedule, x0 straight-through,
-reward-weighted SDS. Stub critics (tiny differentiable functions of the views) keep this fast; one
-test uses the tiny SD prior for the SDS side."""
+reward-weighted SDS. Stub critics (tiny differentiable functions of the views) keep this fast; the
+tests with an SDS side run on the tiny SD-shaped (latent) and IF-shaped (pixel-space) priors."""
 
 from __future__ import annotations
 
@@ -58,9 +58,13 @@ class BrightnessCritic:
         return Out(margin=m, prob_yes=torch.sigmoid(m))
 
 
-@pytest.fixture(scope="module")
-def tiny_guidance(tmp_path_factory):
-    path = build_tiny_prior(tmp_path_factory.mktemp("prior"), seed=0)
+@pytest.fixture(scope="module", params=["latent", "pixel"])
+def tiny_guidance(request, tmp_path_factory):
+    """The SDS side on both kinds of prior: the tiny SD-shaped one and the tiny IF-shaped one."""
+    if request.param == "latent":
+        path = build_tiny_prior(tmp_path_factory.mktemp("prior"), seed=0)
+    else:
+        path = request.getfixturevalue("tiny_if_prior_dir")
     return SDSGuidance.from_pretrained(path, SDSConfig(local_files_only=True), device="cpu")
 
 
