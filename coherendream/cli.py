@@ -21,6 +21,8 @@ critic_app = typer.Typer(help="Train, merge and apply multiview critics.", no_ar
 app.add_typer(critic_app, name="critic")
 eval_app = typer.Typer(help="Evaluate critics and 3D assets.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
+prior_app = typer.Typer(help="Look at what a text-to-image diffusion prior knows before distilling from it.", no_args_is_help=True)
+app.add_typer(prior_app, name="prior")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
@@ -221,7 +223,7 @@ def generate_command(
     prompt: Annotated[Optional[str], typer.Option(help="text prompt of the scene")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (re-running it resumes)")] = None,
     critic: Annotated[Optional[str], typer.Option(help="critic: local folder or hub id (required by mode tcsd)")] = None,
-    prior: Annotated[Optional[str], typer.Option(help="diffusers SD-style prior (hub id or folder), or 'none'")] = None,
+    prior: Annotated[Optional[str], typer.Option(help="diffusers prior, latent (SD) or pixel-space (IF, the embedded prior): hub id or folder, or 'none' (default: the embedded prior on CPU)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="sds, tcsd or reward_weighted")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimisation steps")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda")] = None,
@@ -405,6 +407,70 @@ def eval_judge(
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _summary_line(summary, output)
+
+
+PriorOption = Annotated[Optional[str], typer.Option(help="prior: diffusers pipeline folder or hub id (default: the embedded prior)")]
+
+
+@prior_app.command("sample")
+def prior_sample(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="text prompt; repeat for several rows")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file of the grid (one row per prompt)")],
+    model: PriorOption = None,
+    num_images: Annotated[int, typer.Option(help="samples per prompt (columns)")] = 8,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 5.0,
+    seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 0,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Sample a grid of images from a prior (pixel-space or latent), one row per prompt."""
+    from coherendream.generation.pixel_prior import image_grid, load_prior_pipeline, sample_images
+    from coherendream.io import atomic_path
+
+    if num_images < 1 or steps < 1:
+        _fail(f"--num-images and --steps must be >= 1, got {num_images} and {steps}")
+    if output.suffix.lower() != ".png":
+        _fail(f"--output {output}: give a .png file")
+    try:
+        pipe = load_prior_pipeline(model, device=device)
+    except (OSError, ValueError) as err:
+        _fail(f"prior {model or 'embedded'}: {err}")
+    prompts = [p for p in prompt for _ in range(num_images)]
+    images = sample_images(pipe, prompts, steps, guidance_scale, seed)
+    with atomic_path(output) as tmp:
+        image_grid(images, rows=len(prompt), labels=list(prompt)).save(tmp, format="PNG")
+    typer.echo(f"{len(prompts)} samples -> {output.resolve()}")
+
+
+@eval_app.command("prior")
+def eval_prior(
+    output: Annotated[Path, typer.Option("--output", "-o", help="folder for metrics.json, samples.csv and sample grids")],
+    model: PriorOption = None,
+    samples_per_prompt: Annotated[int, typer.Option(help="samples of each single-object prompt")] = 8,
+    relation_prompts: Annotated[int, typer.Option(help="two-group prompts (never seen in training)")] = 40,
+    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 5.0,
+    seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 4242,
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+) -> None:
+    """Colour and shape of a prior's samples for procedural prompts, judged against real renders."""
+    from coherendream.eval.prior_eval import PriorEvalConfig, evaluate_prior
+
+    try:
+        cfg = PriorEvalConfig(model=model, output_dir=str(output), samples_per_prompt=samples_per_prompt, relation_prompts=relation_prompts,
+                              num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, device=device)  # fmt: skip
+        m = evaluate_prior(cfg)
+    except (OSError, ValueError) as err:
+        _fail(str(err))
+    s, r = m["single"], m["relation"]
+    fmt = lambda x: "n/a" if x is None else f"{x:.3f}"  # noqa: E731
+    typer.echo(f"single objects ({s['all']['samples']} samples): colour {fmt(s['all']['color'])}, shape {fmt(s['all']['shape'])}; "
+               f"held-out prompts: colour {fmt(s['held_out']['color'])}, shape {fmt(s['held_out']['shape'])}")  # fmt: skip
+    typer.echo(f"two groups ({r['samples']} samples): object colour present {fmt(r['object_color_present'])}, placement {fmt(r['placement_ok'])}, "
+               f"colours swapped {fmt(r['swapped_given_both_present'])} of samples with both")  # fmt: skip
+    j = m["judge_on_real_renders"]
+    typer.echo(f"the judge on real renders: colour {fmt(j['single_color'])}, shape {fmt(j['single_shape'])}, placement {fmt(j['relation_placement'])}")
+    typer.echo(f"-> {Path(output).resolve() / 'metrics.json'}")
 
 
 @app.command("demo")

@@ -189,6 +189,15 @@ def sample_scene(seed: int, config: ProceduralConfig | None = None) -> Scene:
     return scene
 
 
+def scene_for_caption(caption: SceneCaption, seed: int, config: ProceduralConfig | None = None) -> Scene:
+    """A scene that ``caption`` describes exactly, its sizes and spacing drawn from ``seed``."""
+    cfg = config or ProceduralConfig()
+    scene = Scene(caption, _place(caption, np.random.default_rng(seed), cfg.size_range), seed)
+    if not caption_holds(scene, caption):
+        raise AssertionError(f"scene {seed}: placement does not satisfy its own caption {caption.text()!r}")
+    return scene
+
+
 def _object_size(shape: str, s: float, rng: np.random.Generator) -> np.ndarray:
     if shape in ("cylinder", "cone"):
         return np.array([s, s * rng.uniform(0.9, 1.3), s])
