@@ -163,7 +163,9 @@ class GenerateConfig:
 
     ``mode``: ``sds`` (prior only; a critic, if given, is only used to score the result),
     ``tcsd`` (prior + critic term, or critic alone with ``prior: none``), ``reward_weighted``
-    (reward-weighted SDS, needs both). ``prior``: an :class:`SDSConfig` mapping, or ``none``.
+    (reward-weighted SDS, needs both). ``prior``: an :class:`SDSConfig` mapping (with no
+    ``pretrained_model_name_or_path``: the embedded prior on a CPU, SD 2.1-base on a GPU), or
+    ``none`` for no prior at all.
     ``max_steps_this_run``: stop (with a checkpoint) after this many steps of this invocation;
     re-running continues. ``resume: false`` discards an existing checkpoint in ``output_dir``.
     ``device``: ``auto`` (cuda when available) | ``cpu`` | ``cuda``; ``backend``: rasteriser
@@ -181,7 +183,7 @@ class GenerateConfig:
     init: GaussianInit = field(default_factory=GaussianInit)
     lr: LearningRates = field(default_factory=LearningRates)
     cameras: CameraSettings = field(default_factory=CameraSettings)
-    prior: SDSConfig | Literal["none"] | None = None
+    prior: SDSConfig | Literal["none"] | None = field(default_factory=SDSConfig)
     critic: CriticSettings = field(default_factory=CriticSettings)
     tcsd: TCSDConfig = field(default_factory=TCSDConfig)
     checkpoint_every: int = 100
