@@ -11,9 +11,8 @@
 #   WORK=/tmp/x DEST=/tmp/x/final bash benchmarks/train_embedded_critic.sh
 #
 # About 58 min on 2 idle cores (3220 s of training, 202 s of data, ~30 s of evaluation; measured);
-# a later run took 61 min (3488 s + 176 s), and one in session 11 91 min (5176 s + 301 s, an idle but slower
-# day): stage times vary by 1.6x between runs on the same machine, and by about 2x on some days
-# (critic/embedded/README.md, sessions 11 and 12).
+# other runs took 61 min (3488 s + 176 s) and 91 min (5176 s + 301 s, an idle but slower day):
+# stage times vary by up to about 2x between days on the same machine (critic/embedded/README.md).
 #
 # Each stage runs as NPROC data-parallel processes (torchrun, gloo backend, default 2: one per core
 # of the 2-core budget) of THREADS torch threads each (default 1); the configs' batch of 12 per
@@ -49,7 +48,7 @@ t1=$(date +%s)
 
 # 2. random tiny critic: text $TEXT_HIDDEN (default 96) x 3 layers, vision 192 x 1 layer (frozen in stages 1-4, trained from stage 5 on),
 #    image tokens = its patch embeddings (feature layer -2 of 2: its random layer blurred the colours),
-#    64 px, patch 8, initializer_range 0.1 (at the default 0.02 training sat at chance in every run we tried)
+#    64 px, patch 8, initializer_range 0.1 (at the default 0.02 the measured runs sat at chance: critic/embedded/README.md)
 [ -f "$WORK/tiny/model.safetensors" ] || $CD critic build-tiny "$WORK/tiny" --image-size 64 --patch-size 8 --text-hidden "$TEXT_HIDDEN" --text-layers 3 --text-heads "$TEXT_HEADS" \
     --vision-hidden 192 --vision-layers 1 --vision-feature-layer -2 --initializer-range 0.1 --seed "$TINY_SEED"
 
