@@ -14,8 +14,10 @@ scenes (``MeshRenderer``, the renderer of the training data):
   an object's colour with the background (a red edge on white reads as pink): pixels nearer to
   such a mix (each reference blended 30% and 60% with the image's background) than to any
   reference are edge pixels and are not counted.
-- **Shape**: the foreground mask, cropped to its bounding box and resized to 16 x 16, is matched
-  to the nearest silhouette (L2) among real renders of every shape from random views.
+- **Shape**: the largest connected part of the foreground (sampling speckle dropped), cropped to
+  its bounding box, padded to a square (the aspect ratio is part of the shape) and resized to
+  16 x 16, is matched to the nearest silhouette (L2) among real renders of every shape from
+  random views.
 - **Placement** (two-group prompts with two different colours, seen from the front): a group's
   colour is present when its pixels hold at least ``min_share`` of the share its object count
   predicts (``count / total count`` of the foreground); the centroids of the two colours' pixels
@@ -151,6 +153,16 @@ class ImageJudge:
         lookup = np.array([names.index(n) for n in self.reference_names] + [-1] * (2 * len(self.references)))
         return lookup[d.argmin(-1)]
 
+    @staticmethod
+    def _largest_part(mask: np.ndarray) -> np.ndarray:
+        from scipy import ndimage
+
+        labels, n = ndimage.label(mask)
+        if n <= 1:
+            return mask
+        sizes = np.bincount(labels.ravel())[1:]
+        return labels == (int(sizes.argmax()) + 1)
+
     def _silhouette(self, mask: np.ndarray) -> np.ndarray:
         from PIL import Image
 
@@ -158,7 +170,11 @@ class ImageJudge:
         if len(ys) == 0:
             return np.zeros(_SILHOUETTE * _SILHOUETTE, dtype=np.float32)
         crop = mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
-        img = Image.fromarray((crop * 255).astype(np.uint8)).resize((_SILHOUETTE, _SILHOUETTE), Image.BILINEAR)
+        h, w = crop.shape
+        side = max(h, w)
+        square = np.zeros((side, side), dtype=np.float32)
+        square[(side - h) // 2 : (side - h) // 2 + h, (side - w) // 2 : (side - w) // 2 + w] = crop
+        img = Image.fromarray((square * 255).astype(np.uint8)).resize((_SILHOUETTE, _SILHOUETTE), Image.BILINEAR)
         return np.asarray(img, dtype=np.float32).reshape(-1) / 255.0
 
     def _prepare(self, image) -> np.ndarray:
@@ -180,7 +196,7 @@ class ImageJudge:
         solid = labels[labels >= 0]
         counts = np.bincount(solid if len(solid) else np.zeros(0, dtype=int), minlength=len(PALETTE))
         color = list(PALETTE)[int(counts.argmax())] if len(solid) else None
-        d = ((self.silhouettes - self._silhouette(fg)) ** 2).sum(-1)
+        d = ((self.silhouettes - self._silhouette(self._largest_part(fg))) ** 2).sum(-1)
         return SingleVerdict(color, self.silhouette_shapes[int(d.argmin())], float(fg.mean()))
 
     def judge_relation(self, image, caption: SceneCaption) -> RelationVerdict:

@@ -170,16 +170,17 @@ class PixelPriorPipeline(DiffusionPipeline):
 
 @dataclass
 class PixelPriorShapes:
-    """Sizes of a pixel-space prior (defaults: the embedded prior, 2.0 M parameters in all).
+    """Sizes of a pixel-space prior (defaults: the embedded prior, 2.8 M parameters in all).
 
     ``block_out_channels``: UNet widths per resolution level (the first level has no attention,
-    the others cross-attend to the text); ``text_*``: the T5 encoder.
+    the others cross-attend to the text); ``attention_head_dim`` is diffusers' name for the
+    number of attention heads of ``UNet2DConditionModel``; ``text_*``: the T5 encoder.
     """
 
     sample_size: int = 32
-    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    block_out_channels: tuple[int, ...] = (32, 64, 96)
     layers_per_block: int = 1
-    attention_head_dim: int = 8
+    attention_head_dim: int = 2
     norm_num_groups: int = 8
     text_hidden: int = 64
     text_layers: int = 2
@@ -230,8 +231,9 @@ def build_pixel_prior(shapes: PixelPriorShapes | None = None, *, words: list[str
         beta_schedule="squaredcos_cap_v2",
         prediction_type="epsilon",
         variance_type="learned_range" if s.learned_variance else "fixed_small",
-        clip_sample=True,
-        clip_sample_range=1.0,
+        # No clipping of the x0 prediction: with guidance it pins the white background's +1 and
+        # sampling (DDIM, CFG 3-5) then turns into noise-covered squares; unclipped it does not.
+        clip_sample=False,
     )
     return PixelPriorPipeline(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 

@@ -50,7 +50,8 @@ HERE = Path(__file__).resolve().parent
 class TrainPriorConfig:
     """Settings of the recipe (``train.yaml``); any key can be overridden as ``key=value``."""
 
-    data_config: str = str(HERE / "data.yaml")
+    data_config: str = "data.yaml"  # relative paths are read from the training config's folder
+    data_overrides: list[str] = field(default_factory=list)  # key=value settings of the data build
     holdout_captions: list[str] = field(default_factory=list)
     view_prompt_prob: float = 0.8
     caption_dropout: float = 0.1
@@ -121,12 +122,13 @@ def plot_loss(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
+    """Run the recipe; returns the saved pipeline folder."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", default=str(HERE / "train.yaml"))
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. train_steps=200")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cfg = load_config(TrainPriorConfig, args.config, args.overrides)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +139,11 @@ def main() -> None:
     from coherendream.data.build import BuildConfig, build_dataset
 
     data_dir = out / "data"
+    data_config = Path(cfg.data_config)
+    if not data_config.is_absolute():
+        data_config = Path(args.config).resolve().parent / data_config
     if not (data_dir / "build_info.json").is_file():
-        build_cfg = load_config(BuildConfig, cfg.data_config, [f"output_dir={data_dir}"])
+        build_cfg = load_config(BuildConfig, data_config, [*cfg.data_overrides, f"output_dir={data_dir}"])
         build_dataset(build_cfg)
     t_data = time.perf_counter() - t_start
 
@@ -238,7 +243,7 @@ def main() -> None:
     info = {
         "training_images": n, "distinct_captions": len(set(plain)), "holdout_captions": cfg.holdout_captions,
         "seconds_data": round(t_data, 1), "seconds_train_this_call": round(t_train, 1), "steps": cfg.train_steps, "resumed_from": start or None,
-        "data_config": read_yaml(cfg.data_config), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "data_config": read_yaml(data_config), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
     }  # fmt: skip
     write_json(out / "train_info.json", info)
     # What the model card and `eval prior` need to know of the training data, kept with the weights.
@@ -248,6 +253,7 @@ def main() -> None:
         ckpt_path.unlink()
     print(json.dumps({k: info[k] for k in ("training_images", "seconds_data", "seconds_train_this_call")}))
     print(f"saved {out / 'pipeline'}")
+    return out / "pipeline"
 
 
 if __name__ == "__main__":
