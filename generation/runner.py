@@ -78,13 +78,14 @@ _RESUMABLE_CHANGES = {"steps", "max_steps_this_run", "checkpoint_every", "output
 class LayoutSettings:
     """Which planner turns the prompt into boxes, and how Gaussians are seeded in them.
 
-    ``planner``: ``rules`` (offline, deterministic), ``openai`` (an OpenAI-compatible endpoint,
+    ``planner``: ``rules`` (offline, deterministic), ``none`` (no layout: one central box for the
+    whole prompt, the ablation of layout initialisation), ``openai`` (an OpenAI-compatible endpoint,
     e.g. a local vLLM server: ``model``, ``base_url``, ``api_key_env``) or ``transformers`` (a local
     chat model: ``model`` is its hub id or folder, run on ``llm_device``). LLM planners fall back
     to the rules when their answer fails validation ``max_attempts`` times.
     """
 
-    planner: Literal["rules", "openai", "transformers"] = "rules"
+    planner: Literal["rules", "none", "openai", "transformers"] = "rules"
     model: str | None = None
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -248,10 +249,12 @@ def resolve_device(name: str) -> torch.device:
 
 def build_planner(settings: LayoutSettings) -> Any:
     """The layout planner named by ``settings`` (anything with ``plan(prompt) -> LayoutResult``)."""
-    from coherendream.generation.layout_rules import RuleBasedPlanner
+    from coherendream.generation.layout_rules import RuleBasedPlanner, WholePromptPlanner
 
     if settings.planner == "rules":
         return RuleBasedPlanner()
+    if settings.planner == "none":
+        return WholePromptPlanner()
     common = {"max_attempts": settings.max_attempts}
     if settings.planner == "openai":
         from coherendream.generation.layout_llm import OpenAIPlanner
@@ -562,6 +565,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
             final_critic = score_model(model, critic, config.prompt, config.num_views, config.outputs, config.resolution, background, config.backend)
         summary = {
             "prompt": config.prompt, "mode": config.mode, "steps": step, "skipped_steps": skipped,
+            "prior": getattr(getattr(guidance, "config", None), "pretrained_model_name_or_path", None),
             "final_critic": final_critic, "num_gaussians": model.num_gaussians, "device": str(device),
             "seconds_this_call": time.perf_counter() - t_start, "resumed_from": start if state is not None else None, "notes": notes,
         }  # fmt: skip

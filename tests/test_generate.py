@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 CPU_PRESET = REPO / "configs" / "generate" / "cpu_tiny.yaml"
 
 # Small and fast: 32 px renders (the critic resizes to its 64 px), ~1000 Gaussians, few steps.
-FAST = ["resolution=32", "num_gaussians=800", "progress=false", "outputs.turntable_frames=3", "device=cpu", "backend=torch"]
+FAST = ["resolution=32", "outputs.resolution=null", "num_gaussians=800", "progress=false", "outputs.turntable_frames=3", "device=cpu", "backend=torch"]
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,8 @@ def test_tcsd_raises_the_critic_score(tmp_path, critic_dir, critic):
     # Same seed, layout, cameras and init; only the critic term's weight differs.
     # The tiny critic is random, so its margin moves little in absolute terms: larger colour and
     # opacity steps than the preset's make the effect clear in 24 steps.
-    common = ("steps=24", "checkpoint_every=100", "outputs.turntable_frames=0", "lr.colors=0.1", "lr.opacity_logits=0.1")
+    # prior=none: the critic term alone, at its fixed weight.
+    common = ("steps=24", "checkpoint_every=100", "outputs.turntable_frames=0", "lr.colors=0.1", "lr.opacity_logits=0.1", "prior=none")
     with_term = generate(_config(tmp_path / "tcsd", critic_dir, *common), critic=critic)
     without = generate(_config(tmp_path / "off", critic_dir, *common, "tcsd.critic.weight=0"), critic=critic)
     # Measured: margin 0.038 with the term vs 0.028 without (prob_yes 0.5095 vs 0.5069).
@@ -60,6 +61,18 @@ def test_tcsd_raises_the_critic_score(tmp_path, critic_dir, critic):
     first, last = sum(r["margin"] for r in rows[:4]) / 4, sum(r["margin"] for r in rows[-4:]) / 4
     assert last > first  # the score rises over the run, not only at the end
     assert all(r["lam"] == 1.0 and r["critic_active"] and r["status"] == "ok" for r in rows)
+
+
+def test_cpu_preset_distils_the_embedded_prior_with_the_critic_term(tmp_path, critic_dir, critic):
+    from coherendream.generation.pixel_prior import EMBEDDED_PRIOR
+
+    result = generate(_config(tmp_path / "emb", critic_dir, "steps=3", "checkpoint_every=100", "outputs.turntable_frames=0"), critic=critic)
+    rows = read_jsonl(result.paths["metrics"])
+    assert all(r["status"] == "ok" and r["loss_sds"] is not None and r["t"] is not None and r["critic_active"] for r in rows)
+    ratio = load_config(GenerateConfig, CPU_PRESET).tcsd.critic.grad_ratio
+    for r in rows:  # the critic's weight is matched to the SDS gradient, as with any prior
+        assert r["lam"] * r["grad_norm_critic"] == pytest.approx(ratio * r["grad_norm_sds"], rel=1e-4)
+    assert json.loads((tmp_path / "emb" / "summary.json").read_text())["prior"] == str(EMBEDDED_PRIOR)
 
 
 def test_sds_plus_tcsd_with_the_tiny_prior(tmp_path, critic_dir, critic, prior_dir):
@@ -175,7 +188,7 @@ def test_tcsd_without_critic_path_uses_the_embedded_critic(tmp_path, critic_dir,
     with pytest.raises(FileNotFoundError, match="embedded critic is missing"):
         generate(load_config(GenerateConfig, CPU_PRESET, [*FAST, f"output_dir={tmp_path / 'b'}"]))
     with pytest.raises(ValueError, match="needs a prior"):
-        generate(load_config(GenerateConfig, CPU_PRESET, [*FAST, "mode=sds", "critic.path=x", f"output_dir={tmp_path}"]))
+        generate(load_config(GenerateConfig, CPU_PRESET, [*FAST, "mode=sds", "prior=none", "critic.path=x", f"output_dir={tmp_path}"]))
 
 
 def test_cli_generate_runs_the_cpu_preset(tmp_path, critic_dir):
@@ -206,3 +219,11 @@ def test_a_critic_trained_from_another_distance_is_warned_about(tmp_path, critic
         warnings.simplefilter("always")
         generate(_config(tmp_path / "near", critic_dir, "steps=1", "cameras.distance_range=[1.3,1.7]"), critic=closer)
     assert not [w for w in caught if "distance_range" in str(w.message)]
+
+
+@pytest.mark.parametrize("preset", sorted((REPO / "configs" / "generate").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_generate_preset_loads(preset):
+    cfg = load_config(GenerateConfig, preset)
+    assert cfg.prior is not None and cfg.mode == "tcsd"  # every preset distils a prior with the critic term
+    if preset.stem.startswith("gpu"):
+        assert cfg.device == "cuda" and cfg.prior.pretrained_model_name_or_path
