@@ -54,7 +54,8 @@ def data_build(
     Re-running the same command resumes an interrupted build.
     """
     from coherendream.config import load_config
-    from coherendream.data.build import BuildConfig, build_dataset, shard_from_env
+    from coherendream.data.build import BuildConfig, build_dataset
+    from coherendream.shards import shard_from_env
 
     extra = list(overrides or [])
     sources = [(k, v) for k, v in (("procedural", procedural), ("manifest", manifest), ("mesh_dir", mesh_dir), ("render_dir", render_dir)) if v is not None]

@@ -28,7 +28,6 @@ import io
 import json
 import math
 import multiprocessing as mp
-import os
 import shutil
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from coherendream.data.assets import AssetError, load_mesh
 from coherendream.data.manifest import AssetRef, Rejection, evenly_spaced, list_view_images, read_manifest, scan_mesh_dir, scan_render_dir
 from coherendream.data.negatives import NEGATIVE_TYPES, Negative, NegativeConfig, procedural_negative, text_negative
 from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds, parse_caption, sample_scene
+from coherendream.shards import shard_items
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 from coherendream.prompts import (
@@ -478,17 +478,6 @@ def _build_chunk(builder: ChunkBuilder, index: int, refs, splits, state_dir: Pat
     return marker
 
 
-def shard_from_env() -> tuple[int, int] | None:
-    """(num_shards, shard_index) from torchrun (WORLD_SIZE/RANK) or a SLURM array, if set."""
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_COUNT"]), int(env["SLURM_ARRAY_TASK_ID"]) - first
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["WORLD_SIZE"]), int(env["RANK"])
-    return None
-
-
 def build_dataset(config: BuildConfig) -> BuildResult:
     """Build (or resume) the dataset described by ``config``; see the module docstring."""
     start = time.time()
@@ -518,7 +507,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     n_chunks = max(1, math.ceil(len(refs) / config.chunk_size))
     chunks_dir = state / "chunks"
     chunks_dir.mkdir(parents=True, exist_ok=True)
-    mine = [i for i in range(n_chunks) if i % config.num_shards == config.shard_index]
+    mine = shard_items(range(n_chunks), config.num_shards, config.shard_index)
     pending = [i for i in mine if not (chunks_dir / f"{i:05d}.done.json").exists()]
     for i in pending:
         # Temporary files of an atomic write that a killed run left behind. Only this shard writes

@@ -503,12 +503,13 @@ class LayoutResult:
     """A planner's answer: the layout, where it came from, and what went wrong on the way.
 
     ``source`` is ``"llm"`` (the model's answer validated, possibly after repairs), ``"fallback"``
-    (the model failed ``attempts`` times; ``errors`` says why; the rule-based layout was used) or
-    ``"rules"`` (the rule-based planner was asked directly).
+    (the model failed ``attempts`` times; ``errors`` says why; the rule-based layout was used),
+    ``"rules"`` (the rule-based planner was asked directly) or ``"none"`` (no layout: one box for
+    the whole prompt).
     """
 
     layout: Layout
-    source: Literal["llm", "fallback", "rules"]
+    source: Literal["llm", "fallback", "rules", "none"]
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
     repairs: list[str] = field(default_factory=list)

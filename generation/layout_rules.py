@@ -35,7 +35,7 @@ from coherendream.generation.layout import (
     validate_layout,
 )
 
-__all__ = ["RuleBasedPlanner"]
+__all__ = ["RuleBasedPlanner", "WholePromptPlanner"]
 
 # ---------------------------------------------------------------------------------------------------
 # Vocabulary: small word lists and rules, no NLP dependency
@@ -304,6 +304,23 @@ _SUPPORT_KINDS = frozenset({"slab", "furniture", "backdrop", "hanger", "scene"})
 # ---------------------------------------------------------------------------------------------------
 # Planner
 # ---------------------------------------------------------------------------------------------------
+
+class WholePromptPlanner:
+    """No layout: one box in the middle of the unit cube, whose prompt is the whole prompt.
+
+    The ablation of layout initialisation: the Gaussians start as one blob, as in text-to-3D
+    without a layout, and the objects, their colours and their relations come from the guidance.
+    """
+
+    def __init__(self, size: tuple[float, float, float] = (0.8, 0.6, 0.8)) -> None:
+        self.size = size
+
+    def plan(self, prompt: str) -> LayoutResult:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty string")
+        obj = {"name": "scene", "prompt": prompt.strip()[:MAX_PROMPT_CHARS], "center": [0.0, 0.0, 0.0], "size": list(self.size)}
+        return LayoutResult(layout=Layout.model_validate({"objects": [obj], "relations": []}), source="none")
+
 
 class RuleBasedPlanner:
     """Offline, deterministic layout planner from relation words and counts.

@@ -410,3 +410,14 @@ def test_transformers_planner_garbage_falls_back_to_rules():
     assert len(res.layout.objects) == 2
     with pytest.raises(ValueError):
         TransformersPlanner()
+
+
+def test_whole_prompt_planner_is_one_central_box():
+    from coherendream.generation.layout_rules import WholePromptPlanner
+
+    result = WholePromptPlanner().plan("  two red cubes to the left of a blue cone ")
+    assert result.source == "none" and len(result.layout.objects) == 1 and not result.layout.relations
+    box = result.layout.objects[0]
+    assert box.prompt == "two red cubes to the left of a blue cone" and box.center == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        WholePromptPlanner().plan("  ")
