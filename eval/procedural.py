@@ -1,0 +1,323 @@
+"""``coherendream eval procedural``: score distillation against TCSD on prompts with exact answers.
+
+For each prompt of the versioned procedural set (``procedural_prompts_v1.jsonl``) x method x
+seed, ``generate`` runs (or its finished output is reused), and the result is judged without a
+model: its renders at the critic's orbit go to :class:`~coherendream.eval.image_judge.ImageJudge`,
+calibrated on real renders of the same scenes (so no method is scored by a model it was optimised
+against); the critic's P(yes) is recorded beside it.
+
+- **single / count**: the object's colour (majority over the four views) and, for single
+  objects, its shape;
+- **relation / two_groups** (front view): whether each group's colour is present (the
+  *per-object colour*), whether the two colours stand in the relation's order (left/right, top),
+  and whether they are swapped.
+
+Methods are named lists of ``generate`` overrides on one base config (default: the four of
+:data:`DEFAULT_METHODS`); every method starts from grey Gaussians (``init.colors=gray``), so the
+colours are the guidance's work.
+
+Jobs are split over processes like every batch job of the toolkit (``coherendream.shards``:
+``--num-shards/--shard-index``, torchrun's ``RANK``/``WORLD_SIZE`` or a SLURM array); each finished
+job leaves ``jobs/<id>.json``, a re-run skips finished jobs (and a half-finished generation resumes
+from its checkpoint), and the process that finds every job done writes the merged results:
+``results.csv`` / ``results.json`` (one row per job), ``summary.json`` and ``categories.csv``
+(method x category with bootstrap intervals over prompts and seeds, and the paired difference of
+every method against ``sds``), and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_prompt_set
+from coherendream.io import atomic_open, write_json
+from coherendream.shards import JobMarkers, resolve_shard, shard_items
+
+__all__ = ["DEFAULT_METHODS", "ProceduralEvalConfig", "run_procedural_eval", "judge_generation", "summarise"]
+
+DEFAULT_METHODS: dict[str, list[str]] = {
+    "sds": ["mode=sds"],
+    "tcsd": ["mode=tcsd"],
+    "reward_weighted": ["mode=reward_weighted"],
+    "tcsd_no_layout": ["mode=tcsd", "layout.planner=none"],
+}
+# Every method: colours from the guidance alone, no turntable, no progress bars in logs.
+BENCH_OVERRIDES = ["init.colors=gray", "outputs.turntable_frames=0", "progress=false"]
+_REPO_PRESET = Path(__file__).resolve().parents[1] / "configs" / "generate" / "cpu_tiny.yaml"
+METRICS = ("object_color", "shape", "placement", "swapped", "critic_prob_yes")
+
+
+@dataclass
+class ProceduralEvalConfig:
+    """Settings of the procedural benchmark.
+
+    ``generate_config``: base ``generate`` YAML (default: ``configs/generate/cpu_tiny.yaml`` of
+    the checkout); ``overrides``: applied to every method after its own (e.g. ``steps=200``);
+    ``limit``: only the first N prompts of each category (smoke runs).
+    """
+
+    output_dir: str = "outputs/eval/procedural"
+    prompts: str | None = None
+    generate_config: str | None = None
+    methods: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_METHODS.items()})
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    overrides: list[str] = field(default_factory=list)
+    limit: int | None = None
+    judge_resolution: int = 32
+    bootstrap: int = 2000
+    num_shards: int | None = None
+    shard_index: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods: give at least one method")
+        bad = [m for m in self.methods if not m or not all(c.isalnum() or c == "_" for c in m)]
+        if bad:
+            raise ValueError(f"methods: names must be letters, digits and '_': {bad}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one seed")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+
+
+def _job_id(method: str, spec: PromptSpec, seed: int) -> str:
+    return f"{method}__{spec.id}__s{seed}"
+
+
+def _select(specs: list[PromptSpec], limit: int | None) -> list[PromptSpec]:
+    if limit is None:
+        return specs
+    out, seen = [], {c: 0 for c in CATEGORIES}
+    for s in specs:
+        if seen[s.category] < limit:
+            out.append(s)
+            seen[s.category] += 1
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Judging one generation
+# --------------------------------------------------------------------------------------------
+
+
+def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float = 15.0, distance: float = 2.5, fov: float = 40.0) -> dict[str, Any]:
+    """Ground-truth verdicts of a ``GaussianModel`` for ``spec`` from its renders (see the module docstring)."""
+    import torch
+
+    from coherendream.generation.runner import OutputSettings, render_views
+
+    settings = OutputSettings(elevation=elevation, distance=distance, fov=fov)
+    white = torch.ones(3, device=model.means.device)
+    views = render_views(model, [0.0, 90.0, 180.0, 270.0], settings, judge.resolution, white, "auto").cpu()
+    groups = spec.caption.groups
+    out: dict[str, Any] = {"object_color": None, "shape": None, "placement": None, "swapped": None}
+    if len(groups) == 1:
+        verdicts = [judge.judge_single(v) for v in views]
+        colors = [v.color for v in verdicts if v.color is not None]
+        color = max(set(colors), key=colors.count) if colors else None
+        out["color"] = color
+        out["object_color"] = float(color == groups[0].color)
+        if groups[0].count == 1:
+            shapes = [v.shape for v in verdicts if v.shape is not None]
+            shape = max(set(shapes), key=shapes.count) if shapes else None
+            out["shape_seen"] = shape
+            out["shape"] = float(shape == groups[0].shape)
+    else:
+        v = judge.judge_relation(views[0], spec.caption)
+        out["colors_present"] = list(v.colors_present)
+        out["object_color"] = float(np.mean(v.colors_present))
+        out["placement"] = None if v.placement_ok is None else float(v.placement_ok)
+        out["swapped"] = None if v.swapped is None else float(v.swapped)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+# --------------------------------------------------------------------------------------------
+
+
+def _interval(values: np.ndarray, n_boot: int, seed: int) -> tuple[float | None, float | None]:
+    """95% percentile bootstrap interval of the mean (None for fewer than two values)."""
+    if len(values) < 2 or n_boot < 1:
+        return None, None
+    from scipy.stats import bootstrap
+
+    if np.all(values == values[0]):
+        return float(values[0]), float(values[0])
+    res = bootstrap((values,), np.mean, n_resamples=n_boot, method="percentile", random_state=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def summarise(rows: list[dict[str, Any]], n_boot: int = 2000, baseline: str = "sds") -> dict[str, Any]:
+    """Method x category means with bootstrap intervals over (prompt, seed), and each method's
+    paired difference from ``baseline`` on the same (prompt, seed)."""
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cats = [c for c in (*CATEGORIES, "multi_object", "all") if c]
+    in_cat = {
+        **{c: (lambda r, c=c: r["category"] == c) for c in CATEGORIES},
+        "multi_object": lambda r: r["category"] in ("relation", "two_groups"),
+        "all": lambda r: True,
+    }
+    table: list[dict[str, Any]] = []
+    for method in methods:
+        for cat in cats:
+            sel = [r for r in rows if r["method"] == method and in_cat[cat](r)]
+            if not sel:
+                continue
+            entry: dict[str, Any] = {"method": method, "category": cat, "jobs": len(sel)}
+            for k, metric in enumerate(METRICS):
+                vals = np.array([r[metric] for r in sel if r.get(metric) is not None], dtype=float)
+                entry[metric] = float(vals.mean()) if len(vals) else None
+                entry[f"{metric}_ci"] = list(_interval(vals, n_boot, seed=k)) if len(vals) else None
+            if baseline in methods and method != baseline:
+                base = {(r["prompt_id"], r["seed"]): r for r in rows if r["method"] == baseline}
+                diffs = [r["object_color"] - base[(r["prompt_id"], r["seed"])]["object_color"] for r in sel
+                         if (r["prompt_id"], r["seed"]) in base and r["object_color"] is not None
+                         and base[(r["prompt_id"], r["seed"])]["object_color"] is not None]  # fmt: skip
+                d = np.array(diffs, dtype=float)
+                entry[f"object_color_minus_{baseline}"] = float(d.mean()) if len(d) else None
+                entry[f"object_color_minus_{baseline}_ci"] = list(_interval(d, n_boot, seed=99)) if len(d) else None
+            table.append(entry)
+    return {"methods": methods, "table": table}
+
+
+def _fmt(x: Any) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], specs: list[PromptSpec], config: ProceduralEvalConfig) -> None:
+    from coherendream.eval.report import Report
+
+    write_json(out / "results.json", rows)
+    keys = ["method", "prompt_id", "category", "seed", "prompt", *METRICS, "color", "shape_seen", "colors_present", "steps", "seconds", "output_dir"]
+    with atomic_open(out / "results.csv") as f:
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    write_json(out / "summary.json", {**summary, "config": dataclasses.asdict(config), "jobs": len(rows)})
+    flat = []
+    for e in summary["table"]:
+        row = {"method": e["method"], "category": e["category"], "jobs": e["jobs"]}
+        for m in METRICS:
+            row[m] = _fmt(e[m])
+            ci = e.get(f"{m}_ci")
+            row[f"{m} 95% CI"] = "" if not ci or ci[0] is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+        if "object_color_minus_sds" in e:
+            ci = e.get("object_color_minus_sds_ci")
+            row["object colour minus sds"] = _fmt(e["object_color_minus_sds"])
+            row["minus sds 95% CI"] = "" if not ci or ci[0] is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
+        flat.append(row)
+    with atomic_open(out / "categories.csv") as f:
+        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
+        w.writeheader()
+        w.writerows(flat)
+
+    report = Report("Procedural text-to-3D benchmark")
+    report.add_text(f"{len(specs)} prompts x {len(summary['methods'])} methods x {len(config.seeds)} seeds. Verdicts from renders "
+                    "judged against real renders of the procedural scenes; the critic's P(yes) beside them.")  # fmt: skip
+    report.add_heading("Method x category")
+    report.add_table([{k: v for k, v in r.items() if "CI" not in k or "minus" in k} for r in flat])
+    report.add_heading("Per prompt (front, side, back, side views of each method, first seed)")
+    by_key = {(r["method"], r["prompt_id"], r["seed"]): r for r in rows}
+    for spec in specs:
+        images, captions = [], []
+        for method in summary["methods"]:
+            r = by_key.get((method, spec.id, config.seeds[0]))
+            grid = Path(r["output_dir"]) / "views" / "grid.png" if r else None
+            if grid is not None and grid.is_file():
+                images.append(grid.read_bytes())
+                verdict = f"colour {_fmt(r['object_color'])}" + (f", order {_fmt(r['placement'])}" if r.get("placement") is not None else "")
+                captions.append(f"{method}: {verdict}, P(yes) {_fmt(r['critic_prob_yes'])}")
+        if images:
+            report.add_heading(f"{spec.id}: {spec.prompt}", level=3)
+            report.add_images(images, captions, cols=len(images), width=160)
+    report.write(out / "report.html")
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------
+
+
+def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None) -> dict[str, Any]:
+    """Run this process's share of the jobs; merge when every job is done. Returns a summary of
+    what this call did (``done``, ``skipped``, ``merged``), with the merged summary when merged."""
+    from coherendream.config import load_config
+    from coherendream.eval.image_judge import ImageJudge
+    from coherendream.generation.runner import GenerateConfig, generate
+
+    generate_fn = generate_fn or generate
+    specs = _select(read_prompt_set(config.prompts), config.limit)
+    base = config.generate_config or (str(_REPO_PRESET) if _REPO_PRESET.is_file() else None)
+    if base is None:
+        raise ValueError("generate_config: give a base `generate` YAML (configs/generate/cpu_tiny.yaml is not beside this install)")
+    num_shards, shard_index = resolve_shard(config.num_shards, config.shard_index)
+    jobs = [(m, s, seed) for s in specs for m in config.methods for seed in config.seeds]
+    # Every job's config is built (and so checked) before any work is written.
+    configs = {
+        _job_id(m, s, seed): load_config(GenerateConfig, base, [
+            *BENCH_OVERRIDES, *config.methods[m], *config.overrides, f"prompt={json.dumps(s.prompt)}", f"seed={seed}",
+            f"output_dir={Path(config.output_dir) / 'generations' / m / s.id / f's{seed}'}",
+        ])
+        for m, s, seed in jobs
+    }  # fmt: skip
+    out = Path(config.output_dir)
+    markers = JobMarkers(out / "jobs")
+    mine = shard_items(jobs, num_shards, shard_index)
+    judge = ImageJudge(resolution=config.judge_resolution)
+    parts: dict[str, Any] = {}  # loaded critics and priors, shared by this process's jobs
+    done, skipped = 0, 0
+    for method, spec, seed in mine:
+        job = _job_id(method, spec, seed)
+        if markers.done(job):
+            skipped += 1
+            continue
+        cfg = configs[job]
+        t0 = time.perf_counter()
+        result = generate_fn(cfg, **_parts_for(cfg, parts))
+        verdict = judge_generation(result.model, spec, judge, cfg.outputs.elevation, cfg.outputs.distance, cfg.outputs.fov)
+        markers.write(job, {
+            "method": method, "prompt_id": spec.id, "category": spec.category, "seed": seed, "prompt": spec.prompt,
+            **verdict, "critic_prob_yes": (result.final_critic or {}).get("prob_yes"), "steps": cfg.steps,
+            "seconds": round(time.perf_counter() - t0, 2), "output_dir": str(cfg.output_dir),
+        })  # fmt: skip
+        done += 1
+    status: dict[str, Any] = {"jobs": len(jobs), "this_shard": len(mine), "done": done, "skipped": skipped, "merged": False}
+    ids = [_job_id(m, s, seed) for m, s, seed in jobs]
+    if markers.all_done(ids):
+        rows = [markers.read(j) for j in ids]
+        summary = summarise(rows, config.bootstrap)
+        _write_results(out, rows, summary, specs, config)
+        status.update(merged=True, summary=summary)
+    return status
+
+
+def _parts_for(cfg: Any, cache: dict[str, Any]) -> dict[str, Any]:
+    """The critic and prior of ``cfg``, loaded once per process and shared by the jobs that name them."""
+    from coherendream.config import to_dict
+    from coherendream.generation.runner import resolve_device
+
+    device = resolve_device(cfg.device)
+    parts: dict[str, Any] = {}
+    if cfg.prior is not None:
+        key = "prior:" + json.dumps(to_dict(cfg.prior), sort_keys=True) + str(device)
+        if key not in cache:
+            from coherendream.generation.guidance import SDSGuidance
+
+            cache[key] = SDSGuidance.from_pretrained(None, cfg.prior, device)
+        parts["guidance"] = cache[key]
+    key = f"critic:{cfg.critic.path}:{cfg.critic.adapter}:{cfg.critic.dtype}:{device}"
+    if key not in cache:
+        from coherendream.critic.model import Critic, default_critic_path
+
+        cache[key] = Critic.from_pretrained(cfg.critic.path or default_critic_path(), adapter=cfg.critic.adapter, dtype=cfg.critic.dtype, device=device)
+    parts["critic"] = cache[key]
+    return parts
