@@ -457,3 +457,17 @@ def test_sds_loss_is_half_squared_norm_per_sample():
     assert math.isclose(loss.item(), 0.5 * grad.square().sum().item() / 3, rel_tol=1e-5)
     loss.backward()
     torch.testing.assert_close(latents.grad, grad / 3)
+
+
+def test_bf16_on_cpu_when_asked_and_the_gradient_stays_close(pixel_prior_dir):
+    assert SDSConfig().torch_dtype("cpu") == torch.float32  # fp16 is never used on a CPU
+    assert SDSConfig(half_dtype="bf16").torch_dtype("cpu") == torch.bfloat16
+    assert SDSConfig(half_dtype="bf16", half_precision=False).torch_dtype("cpu") == torch.float32
+    full = SDSGuidance.from_pretrained(pixel_prior_dir, config=SDSConfig(local_files_only=True, grad_clip=None, guidance_scale=5.0), device="cpu")
+    half = SDSGuidance.from_pretrained(pixel_prior_dir, config=SDSConfig(local_files_only=True, grad_clip=None, guidance_scale=5.0, half_dtype="bf16"), device="cpu")
+    assert half.dtype == torch.bfloat16 and half.text_encoder.dtype == torch.bfloat16
+    rgb = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(13))
+    noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(14))
+    a, b = full(rgb, "a red cube", t=300, noise=noise), half(rgb, "a red cube", t=300, noise=noise)
+    assert b.grad.dtype == torch.float32 and torch.isfinite(b.grad).all()
+    assert (a.grad - b.grad).norm() < 0.05 * a.grad.norm()  # bf16 rounding, not a different gradient
