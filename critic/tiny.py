@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from coherendream.data.procedural import NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
+from coherendream.data.procedural import caption_words
 from coherendream.prompts import ANSWER_NO, ANSWER_YES, QUESTION_TEMPLATE
 
 PAD_TOKEN = "<pad>"
@@ -82,13 +82,10 @@ def default_vocabulary() -> list[str]:
     words += _DIGITS
     words += _split_words(QUESTION_TEMPLATE.replace("{num_views}", " ").replace("{text}", " "))
     words += [ANSWER_YES, ANSWER_NO, ANSWER_YES.lower(), ANSWER_NO.lower(), ANSWER_YES.upper(), ANSWER_NO.upper()]
-    words += ["a", "an", "the", "and", "of", "with", "object", "objects", "3D"]
-    words += list(PALETTE)
-    for singular, plural in SHAPES.items():
-        words += [singular, plural]
-    words += list(NUMBER_WORDS.values())
-    for phrase in RELATIONS.values():
-        words += phrase.split()
+    grammar = caption_words()
+    # "3D" right after the grammar's 8 function words: the order fixes the token ids, and with it
+    # the random start that the embedded critic's recipe reproduces.
+    words += grammar[:8] + ["3D"] + grammar[8:]
     return list(dict.fromkeys(words))
 
 

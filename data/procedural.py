@@ -50,6 +50,18 @@ RELATIONS: dict[str, str] = {
 MAX_OBJECTS = 4
 
 
+def caption_words() -> list[str]:
+    """Every word the caption grammar can write (articles, colours, shapes and plurals, number
+    words, relation phrases), in a fixed order: the vocabulary of the embedded models' tokenizers."""
+    words = ["a", "an", "the", "and", "of", "with", "object", "objects", *PALETTE]
+    for singular, plural in SHAPES.items():
+        words += [singular, plural]
+    words += list(NUMBER_WORDS.values())
+    for phrase in RELATIONS.values():
+        words += phrase.split()
+    return list(dict.fromkeys(words))
+
+
 @dataclass(frozen=True)
 class Group:
     shape: str

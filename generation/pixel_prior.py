@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from coherendream.data.procedural import NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
+from coherendream.data.procedural import caption_words
 
 __all__ = [
     "EMBEDDED_PRIOR",
@@ -67,13 +67,7 @@ def default_prior_path() -> Path:
 
 def prior_vocabulary() -> list[str]:
     """Words of the word-level tokenizer: procedural captions, view words, punctuation (fixed order)."""
-    words: list[str] = ["a", "an", "the", "and", "of", "with", "object", "objects"]
-    words += list(PALETTE)
-    for singular, plural in SHAPES.items():
-        words += [singular, plural]
-    words += list(NUMBER_WORDS.values())
-    for phrase in RELATIONS.values():
-        words += phrase.split()
+    words = caption_words()
     words += _VIEW_WORDS
     words += _PUNCTUATION
     return list(dict.fromkeys(words))
