@@ -512,7 +512,7 @@ def eval_procedural(
         return
     for e in status["summary"]["table"]:
         if e["category"] in ("multi_object", "all"):
-            typer.echo(f"  {e['method']:>16} {e['category']:>12}: object colour {e['object_color']:.3f}"
+            typer.echo(f"  {e['method']:>16} {e['category']:>12}: object colour {e['object_color'] if e['object_color'] is None else round(e['object_color'], 3)}"
                        + (f", order {e['placement']:.3f}" if e.get("placement") is not None else ""))  # fmt: skip
     typer.echo(f"report: {output.resolve() / 'report.html'}")
 

@@ -22,6 +22,11 @@ scenes (``MeshRenderer``, the renderer of the training data):
   colour is present when its pixels hold at least ``min_share`` of the share its object count
   predicts (``count / total count`` of the foreground); the centroids of the two colours' pixels
   are compared along the relation's image axis (x for left/right, y for on top).
+- **Each object's colour** (the same prompts; next to as well, in either order): the foreground
+  is cut along the relation's axis where the groups' object counts put the boundary, and each
+  group's colour must be the majority colour of its own part. Stricter than "present": two
+  purple objects with pink bases have both colours present but the pink object's part is
+  purple.
 
 :meth:`ImageJudge.accuracy_on_renders` measures the judge itself on fresh real renders, so every
 figure made with it can be read against the judge's own ceiling.
@@ -72,6 +77,7 @@ class RelationVerdict:
     colors_present: tuple[bool, bool]  # each group's colour holds >= min_share of the foreground
     placement_ok: bool | None  # centroids in the relation's order (None: not decidable from the front)
     swapped: bool | None  # both colours present, in the opposite order: the colours went to the wrong objects
+    object_colors: tuple[bool, bool] | None = None  # each group's colour is the majority of its own part (None: not decidable)
 
 
 class ImageJudge:
@@ -214,14 +220,48 @@ class ImageJudge:
         masks = [fg & (colors == a), fg & (colors == b)]
         counts = [g.count for g in caption.groups]
         present = tuple(bool(m.sum() / total >= self.min_share * n / sum(counts)) for m, n in zip(masks, counts))
+        objects = self._object_colors(fg & (colors >= 0), colors, caption) if a != b else None
         axis_sign = _FRONT_AXES.get(caption.relation or "") if a != b else None
         if axis_sign is None or not all(present):
-            return RelationVerdict(present, None if axis_sign is None else False, None)
+            return RelationVerdict(present, None if axis_sign is None else False, None, objects)
         axis, sign = axis_sign
         coords = np.indices(fg.shape)[::-1]  # [x, y] grids
         ca, cb = (float(coords[axis][m].mean()) for m in masks)
         ok = ca * sign < cb * sign
-        return RelationVerdict(present, ok, not ok)
+        return RelationVerdict(present, ok, not ok, objects)
+
+    @staticmethod
+    def _object_colors(solid: np.ndarray, colors: np.ndarray, caption: SceneCaption) -> tuple[bool, bool] | None:
+        """Whether each group's colour is the majority of its own part of the foreground, the parts
+        cut along the relation's axis in proportion to the groups' object counts."""
+        rel = caption.relation or ""
+        axis_sign = _FRONT_AXES.get("left_of" if rel == "next_to" else rel)
+        if axis_sign is None:
+            return None
+        if not solid.any():  # nothing coloured: neither object has its colour
+            return False, False
+        axis, sign = axis_sign
+        names = list(PALETTE)
+        want = [names.index(g.color) for g in caption.groups]
+        pos = np.indices(solid.shape)[::-1][axis]
+        lo, hi = float(pos[solid].min()), float(pos[solid].max()) + 1.0
+
+        def parts(first: int) -> list[np.ndarray]:  # group `first` on the low side of the axis
+            n = [caption.groups[first].count, caption.groups[1 - first].count]
+            cut = lo + (hi - lo) * n[0] / sum(n)
+            low, high = solid & (pos < cut), solid & (pos >= cut)
+            return [low, high] if first == 0 else [high, low]
+
+        def verdict(masks: list[np.ndarray]) -> tuple[bool, bool]:
+            out = []
+            for m, w in zip(masks, want):
+                votes = np.bincount(colors[m], minlength=len(names)) if m.any() else np.zeros(len(names), dtype=int)
+                out.append(bool(m.any() and votes.argmax() == w))
+            return out[0], out[1]
+
+        if rel == "next_to":  # either side: the better of the two orders
+            return max(verdict(parts(0)), verdict(parts(1)), key=sum)
+        return verdict(parts(0 if sign > 0 else 1))
 
     # ----- the judge's own accuracy ----------------------------------------------------------------
 
@@ -229,7 +269,7 @@ class ImageJudge:
         """The judge's figures on real renders: colour and shape of single objects (random views),
         colours present and placement of front views of two-group scenes."""
         rng = np.random.default_rng(seed)
-        color_ok, shape_ok, present, placed = [], [], [], []
+        color_ok, shape_ok, present, placed, objects = [], [], [], [], []
         for cap in singles:
             for view in self.render(cap, int(rng.integers(1 << 30)), 2, rng):
                 v = self.judge_single(view)
@@ -241,9 +281,12 @@ class ImageJudge:
             present += list(v.colors_present)
             if v.placement_ok is not None:
                 placed.append(v.placement_ok)
+            if v.object_colors is not None:
+                objects += list(v.object_colors)
         return {
             "single_color": float(np.mean(color_ok)) if color_ok else float("nan"),
             "single_shape": float(np.mean(shape_ok)) if shape_ok else float("nan"),
             "relation_color_present": float(np.mean(present)) if present else float("nan"),
             "relation_placement": float(np.mean(placed)) if placed else float("nan"),
+            "relation_object_color": float(np.mean(objects)) if objects else float("nan"),
         }

@@ -8,9 +8,12 @@ against); the critic's P(yes) is recorded beside it.
 
 - **single / count**: the object's colour (majority over the four views) and, for single
   objects, its shape;
-- **relation / two_groups** (front view): whether each group's colour is present (the
-  *per-object colour*), whether the two colours stand in the relation's order (left/right, top),
-  and whether they are swapped.
+- **relation / two_groups** (front view): each object's colour, strictly: the foreground is cut
+  along the relation's axis where the groups' counts put the boundary and each group's colour
+  must be the majority of its own part (left of, right of, on top of, next to; not decidable
+  from the front for in front of / behind, which count in ``color_present`` only); whether each
+  group's colour is present at all; whether the two colours stand in the relation's order
+  (left/right, top); and whether they are swapped.
 
 Methods are named lists of ``generate`` overrides on one base config (default: the four of
 :data:`DEFAULT_METHODS`); every method starts from grey Gaussians (``init.colors=gray``), so the
@@ -52,7 +55,7 @@ DEFAULT_METHODS: dict[str, list[str]] = {
 # Every method: colours from the guidance alone, no turntable, no progress bars in logs.
 BENCH_OVERRIDES = ["init.colors=gray", "outputs.turntable_frames=0", "progress=false"]
 _REPO_PRESET = Path(__file__).resolve().parents[1] / "configs" / "generate" / "cpu_tiny.yaml"
-METRICS = ("object_color", "shape", "placement", "swapped", "critic_prob_yes")
+METRICS = ("object_color", "color_present", "shape", "placement", "swapped", "critic_prob_yes")
 
 
 @dataclass
@@ -118,13 +121,13 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
     white = torch.ones(3, device=model.means.device)
     views = render_views(model, [0.0, 90.0, 180.0, 270.0], settings, judge.resolution, white, "auto").cpu()
     groups = spec.caption.groups
-    out: dict[str, Any] = {"object_color": None, "shape": None, "placement": None, "swapped": None}
+    out: dict[str, Any] = {"object_color": None, "color_present": None, "shape": None, "placement": None, "swapped": None}
     if len(groups) == 1:
         verdicts = [judge.judge_single(v) for v in views]
         colors = [v.color for v in verdicts if v.color is not None]
         color = max(set(colors), key=colors.count) if colors else None
         out["color"] = color
-        out["object_color"] = float(color == groups[0].color)
+        out["object_color"] = out["color_present"] = float(color == groups[0].color)
         if groups[0].count == 1:
             shapes = [v.shape for v in verdicts if v.shape is not None]
             shape = max(set(shapes), key=shapes.count) if shapes else None
@@ -133,7 +136,9 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
     else:
         v = judge.judge_relation(views[0], spec.caption)
         out["colors_present"] = list(v.colors_present)
-        out["object_color"] = float(np.mean(v.colors_present))
+        out["color_present"] = float(np.mean(v.colors_present))
+        out["object_colors"] = None if v.object_colors is None else list(v.object_colors)
+        out["object_color"] = None if v.object_colors is None else float(np.mean(v.object_colors))
         out["placement"] = None if v.placement_ok is None else float(v.placement_ok)
         out["swapped"] = None if v.swapped is None else float(v.swapped)
     return out
@@ -197,7 +202,7 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
     from coherendream.eval.report import Report
 
     write_json(out / "results.json", rows)
-    keys = ["method", "prompt_id", "category", "seed", "prompt", *METRICS, "color", "shape_seen", "colors_present", "steps", "seconds", "output_dir"]
+    keys = ["method", "prompt_id", "category", "seed", "prompt", *METRICS, "color", "shape_seen", "colors_present", "object_colors", "steps", "seconds", "output_dir"]
     with atomic_open(out / "results.csv") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
@@ -234,7 +239,8 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
             grid = Path(r["output_dir"]) / "views" / "grid.png" if r else None
             if grid is not None and grid.is_file():
                 images.append(grid.read_bytes())
-                verdict = f"colour {_fmt(r['object_color'])}" + (f", order {_fmt(r['placement'])}" if r.get("placement") is not None else "")
+                verdict = f"colour {_fmt(r['object_color'] if r['object_color'] is not None else r['color_present'])}" + (
+                    f", order {_fmt(r['placement'])}" if r.get("placement") is not None else "")
                 captions.append(f"{method}: {verdict}, P(yes) {_fmt(r['critic_prob_yes'])}")
         if images:
             report.add_heading(f"{spec.id}: {spec.prompt}", level=3)

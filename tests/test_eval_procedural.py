@@ -37,10 +37,11 @@ def test_a_small_run_generates_judges_and_merges(tmp_path, two_prompts):
     rows = json.loads((tmp_path / "one" / "results.json").read_text())
     assert {(r["method"], r["category"]) for r in rows} == {("sds", "single"), ("sds", "relation"), ("tcsd", "single"), ("tcsd", "relation")}
     for r in rows:
-        assert r["object_color"] in (0.0, 0.5, 1.0) and 0 < r["critic_prob_yes"] < 1 and r["steps"] == 2
+        assert r["object_color"] in (0.0, 0.5, 1.0) and r["color_present"] in (0.0, 0.5, 1.0)
+        assert 0 < r["critic_prob_yes"] < 1 and r["steps"] == 2
         assert (Path(r["output_dir"]) / "views" / "grid.png").is_file()
-        if r["category"] == "relation":
-            assert len(r["colors_present"]) == 2
+        if r["category"] == "relation":  # "to the left of": decidable from the front
+            assert len(r["colors_present"]) == 2 and len(r["object_colors"]) == 2
     for name in ("results.csv", "categories.csv", "summary.json", "report.html"):
         assert (tmp_path / "one" / name).is_file(), name
     table = json.loads((tmp_path / "one" / "summary.json").read_text())["table"]
