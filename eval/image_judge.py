@@ -118,6 +118,7 @@ class ImageJudge:
                 names.append(color)
         self.references = np.stack(refs)  # [colours * shades, 3]
         self.reference_names = names
+        self._reference_index = np.array([list(PALETTE).index(n) for n in names])  # palette index of each reference
         self.silhouettes = np.stack(silhouettes)
         self.silhouette_shapes = shape_names
 
@@ -155,8 +156,7 @@ class ImageJudge:
         blends = [a * self.references + (1.0 - a) * background for a in (0.3, 0.6)]
         candidates = np.concatenate([self.references, *blends])
         d = ((rgb[..., None, :] - candidates) ** 2).sum(-1)
-        names = list(PALETTE)
-        lookup = np.array([names.index(n) for n in self.reference_names] + [-1] * (2 * len(self.references)))
+        lookup = np.concatenate([self._reference_index, np.full(2 * len(self.references), -1)])
         return lookup[d.argmin(-1)]
 
     @staticmethod

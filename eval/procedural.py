@@ -34,6 +34,7 @@ import csv
 import dataclasses
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,11 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
     out: dict[str, Any] = {"object_color": None, "color_present": None, "shape": None, "placement": None, "swapped": None}
     if len(groups) == 1:
         verdicts = [judge.judge_single(v) for v in views]
-        colors = [v.color for v in verdicts if v.color is not None]
-        color = max(set(colors), key=colors.count) if colors else None
+        color = _majority([v.color for v in verdicts])
         out["color"] = color
         out["object_color"] = out["color_present"] = float(color == groups[0].color)
         if groups[0].count == 1:
-            shapes = [v.shape for v in verdicts if v.shape is not None]
-            shape = max(set(shapes), key=shapes.count) if shapes else None
+            shape = _majority([v.shape for v in verdicts])
             out["shape_seen"] = shape
             out["shape"] = float(shape == groups[0].shape)
     else:
@@ -142,6 +141,12 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
         out["placement"] = None if v.placement_ok is None else float(v.placement_ok)
         out["swapped"] = None if v.swapped is None else float(v.swapped)
     return out
+
+
+def _majority(values: list[str | None]) -> str | None:
+    """The most common value (ties: the first seen, i.e. the earliest view), None if there is none."""
+    counts = Counter(v for v in values if v is not None)
+    return counts.most_common(1)[0][0] if counts else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +170,7 @@ def summarise(rows: list[dict[str, Any]], n_boot: int = 2000, baseline: str = "s
     """Method x category means with bootstrap intervals over (prompt, seed), and each method's
     paired difference from ``baseline`` on the same (prompt, seed)."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    cats = [c for c in (*CATEGORIES, "multi_object", "all") if c]
+    cats = [*CATEGORIES, "multi_object", "all"]
     in_cat = {
         **{c: (lambda r, c=c: r["category"] == c) for c in CATEGORIES},
         "multi_object": lambda r: r["category"] in ("relation", "two_groups"),

@@ -69,6 +69,11 @@ _TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderMode
 #: SD's CLIP context, and the length IF's pipeline pads its T5 prompts to.
 TEXT_MAX_LENGTH = 77
 
+
+def has_vae(model_index: dict) -> bool:
+    """Whether a pipeline's ``model_index.json`` names a VAE: a latent model (SD); else pixel-space (IF)."""
+    return (model_index.get("vae") or [None, None])[1] is not None
+
 __all__ = [
     "SDSConfig",
     "GuidanceOutput",
@@ -435,7 +440,7 @@ class SDSGuidance:
         text_class = (index.get("text_encoder") or [None, None])[1]
         if text_class not in _TEXT_ENCODERS:
             raise ValueError(f"prior {path!r}: text encoder {text_class!r} is not supported (one of {', '.join(_TEXT_ENCODERS)})")
-        latent = (index.get("vae") or [None, None])[1] is not None
+        latent = has_vae(index)
         weights = {"use_safetensors": True, "variant": config.variant, **hub}
         # Concrete classes, not Auto*: nothing named in a downloaded config can select code to
         # run, and use_safetensors=True refuses pickled weights outright.

@@ -33,6 +33,8 @@ import torch
 from diffusers import DiffusionPipeline
 
 from coherendream.data.procedural import caption_words
+from coherendream.generation.guidance import TEXT_MAX_LENGTH, classifier_free_guidance, has_vae
+from coherendream.grid import GridLayout, tile
 
 __all__ = [
     "EMBEDDED_PRIOR",
@@ -54,8 +56,6 @@ PAD_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "</s>", "<unk>"
 _PUNCTUATION = tuple(".,:;?!\"'()-/")
 # What view-dependent prompting appends (``camera_sampler.view_prompt``: "<prompt>, <dir> view").
 _VIEW_WORDS = ("front", "side", "back", "overhead", "view")
-#: IF's pipeline pads every prompt to 77 tokens; so does SDS, so training must see the same.
-TEXT_MAX_LENGTH = 77
 
 
 def default_prior_path() -> Path:
@@ -154,7 +154,7 @@ class PixelPriorPipeline(DiffusionPipeline):
             out = self.unet(x_in, t, encoder_hidden_states=text).sample[:, :C]  # the noise half
             if cfg:
                 eps_c, eps_u = out.chunk(2)
-                out = eps_u + guidance_scale * (eps_c - eps_u)
+                out = classifier_free_guidance(eps_u, eps_c, guidance_scale).to(x.dtype)
             x = self.scheduler.step(out, t, x, generator=generator).prev_sample
         images = (x.float() / 2 + 0.5).clamp(0, 1).cpu()
         if output_type == "pil":
@@ -244,7 +244,7 @@ def load_prior_pipeline(path: str | Path | None = None, device: str | torch.devi
     path = str(path) if path is not None else str(default_prior_path())
     index = DiffusionPipeline.load_config(path, local_files_only=local_files_only)
     kwargs = {"use_safetensors": True, "local_files_only": local_files_only}
-    if (index.get("vae") or [None, None])[1] is not None:
+    if has_vae(index):
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
     else:
         pipe = PixelPriorPipeline.from_pretrained(path, **kwargs)
@@ -264,10 +264,7 @@ def sample_images(pipe: DiffusionPipeline, prompts: list[str], num_inference_ste
     for start in range(0, len(prompts), batch_size):
         generator = torch.Generator().manual_seed(seed + start)
         chunk = prompts[start : start + batch_size]
-        if isinstance(pipe, PixelPriorPipeline):
-            images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator).images
-        else:
-            images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator, output_type="pt").images
+        images = pipe(chunk, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator, output_type="pt").images
         out.append(images.float().cpu())
     return torch.cat(out)
 
@@ -280,12 +277,12 @@ def image_grid(images: torch.Tensor, rows: int, labels: list[str] | None = None,
     cols = -(-n // rows)
     cell = s * scale
     margin = 8 + 7 * max((len(t) for t in labels), default=0) if labels else 0
+    cells = torch.ones(rows * cols, 3, s, s)  # white where the last row is short
+    cells[:n] = images.clamp(0, 1)
+    body = (tile(cells, GridLayout(rows, cols), channels_last=False).permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8")
     grid = Image.new("RGB", (margin + cols * cell, rows * cell), "white")
+    grid.paste(Image.fromarray(body).resize((cols * cell, rows * cell), Image.NEAREST), (margin, 0))
     draw = ImageDraw.Draw(grid)
-    arr = (images.clamp(0, 1).permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype("uint8")
-    for i in range(n):
-        r, c = divmod(i, cols)
-        grid.paste(Image.fromarray(arr[i]).resize((cell, cell), Image.NEAREST), (margin + c * cell, r * cell))
     for r, text in enumerate(labels or []):
         draw.text((4, r * cell + cell // 2 - 5), text, fill="black")
     return grid
