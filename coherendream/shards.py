@@ -15,11 +15,13 @@ One mechanism for every job that users spread over machines (``data build``, ``e
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
+from itertools import islice
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
-__all__ = ["shard_from_env", "resolve_shard", "shard_items", "JobMarkers"]
+__all__ = ["shard_from_env", "resolve_shard", "shard_items", "JobMarkers", "ChunkedRun", "map_in_chunks"]
 
 T = TypeVar("T")
 
@@ -80,3 +82,86 @@ class JobMarkers:
 
     def all_done(self, job_ids: Sequence[str]) -> bool:
         return all(self.done(j) for j in job_ids)
+
+
+class ChunkedRun:
+    """What :func:`map_in_chunks` did: ``rows`` (every chunk's rows in input order, or None while
+    other shards still have chunks to do), ``chunks``, ``done`` / ``skipped`` (chunks of this
+    process), ``seconds`` (the time every chunk took, summed over all processes)."""
+
+    def __init__(self, rows: list[dict] | None, chunks: int, done: int, skipped: int, seconds: float) -> None:
+        self.rows, self.chunks, self.done, self.skipped, self.seconds = rows, chunks, done, skipped, seconds
+
+    @property
+    def merged(self) -> bool:
+        return self.rows is not None
+
+
+def map_in_chunks(
+    items: Iterable[T],
+    fn: Callable[[list[T], int], list[dict]],
+    folder: str | Path,
+    chunk_size: int = 256,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    signature: dict[str, Any] | None = None,
+) -> ChunkedRun:
+    """Apply ``fn`` to this process's chunks of ``items``; all rows once every chunk is done.
+
+    ``items`` is cut, in order, into chunks of ``chunk_size``; chunk ``k`` belongs to shard
+    ``k % num_shards`` (:func:`resolve_shard`). ``fn(chunk, start)`` (``start``: the index of the
+    chunk's first item) returns JSON-ready rows, kept in ``folder/chunk-<k>.json``; a chunk
+    already there is skipped, so a re-run resumes. Every process reads the whole item stream
+    (cheap: readers yield paths, the expensive work is ``fn``'s) and so knows the number of
+    chunks, and the one that finds them all done gets the rows.
+
+    ``signature`` (JSON-ready: the input, the model, ...) is kept in ``folder/signature.json``
+    with the chunk size; chunks left by a run with another signature are never mixed in: that is
+    an error naming the folder, raised before any work.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    num_shards, shard_index = resolve_shard(num_shards, shard_index)
+    markers = JobMarkers(folder)
+    _check_signature(Path(folder), {**(signature or {}), "chunk_size": chunk_size})
+    it = iter(items)
+    chunks = done = skipped = 0
+    while chunk := list(islice(it, chunk_size)):
+        k = chunks
+        chunks += 1
+        if k % num_shards != shard_index:
+            continue
+        name = f"chunk-{k:06d}"
+        if markers.done(name):
+            skipped += 1
+            continue
+        t0 = time.perf_counter()
+        rows = fn(chunk, k * chunk_size)
+        markers.write(name, {"rows": rows, "seconds": round(time.perf_counter() - t0, 3)})
+        done += 1
+    names = [f"chunk-{k:06d}" for k in range(chunks)]
+    if not markers.all_done(names):
+        return ChunkedRun(None, chunks, done, skipped, 0.0)
+    rows_all: list[dict] = []
+    seconds = 0.0
+    for name in names:
+        record: dict[str, Any] = markers.read(name)
+        rows_all += record["rows"]
+        seconds += float(record.get("seconds", 0.0))
+    return ChunkedRun(rows_all, chunks, done, skipped, seconds)
+
+
+def _check_signature(folder: Path, signature: dict[str, Any]) -> None:
+    import json
+
+    from coherendream.io import write_json
+
+    path = folder / "signature.json"
+    wanted = json.loads(json.dumps(signature, default=str))
+    if path.is_file():
+        found = json.loads(path.read_text(encoding="utf-8"))
+        if found != wanted:
+            diff = sorted(k for k in {*found, *wanted} if found.get(k) != wanted.get(k))
+            raise ValueError(f"{folder}: holds chunks of another run (different {', '.join(diff)}); give another output folder or delete this one")
+    else:
+        write_json(path, wanted)

@@ -47,7 +47,6 @@ import io
 import json
 import logging
 import math
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
@@ -612,8 +611,16 @@ def score_to_files(
     progress: bool = True,
     formats: Sequence[str] = ("csv", "jsonl"),
     metadata: Mapping[str, Any] | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    chunk_size: int = 256,
 ) -> dict[str, Any]:
     """Score ``items`` and write the result files; what ``coherendream critic score`` runs.
+
+    The items are scored in chunks of ``chunk_size``, each kept in ``output_dir/chunks/`` once
+    done, so a re-run resumes and the work splits over processes (``coherendream.shards``:
+    ``num_shards``/``shard_index``, else torchrun's ``RANK``/``WORLD_SIZE`` or a SLURM array).
+    The process that finds every chunk done writes the files.
 
     Args:
         critic, items, batch_size, progress: as for :func:`score_items`.
@@ -621,21 +628,33 @@ def score_to_files(
             ``summary.json``.
         formats: score files to write (``"csv"``, ``"jsonl"``); ``errors.jsonl`` is always written.
         metadata: copied into the summary (e.g. the model path, the adapter, the input).
+        num_shards, shard_index, chunk_size: how the work is split (see above).
 
     Returns:
         The summary, also written to ``summary.json``: ``items``, ``scored``, ``errors``,
-        ``errors_by_reason``, ``mean_prob_yes``, ``batch_size``, ``num_views``, ``seconds``,
-        ``items_per_second``, ``files`` and ``metadata``.
+        ``errors_by_reason``, ``mean_prob_yes``, ``batch_size``, ``num_views``, ``seconds``
+        (scoring time summed over the chunks), ``items_per_second``, ``files`` and ``metadata``;
+        ``merged`` is False (and nothing but chunks is written) while other shards still work.
     """
+    from coherendream.shards import map_in_chunks
+
     unknown = sorted(set(formats) - {"csv", "jsonl"})
     if unknown:  # fail before hours of scoring, not after
         raise ValueError(f"unknown output format(s) {unknown}; known: csv, jsonl")
-    start = time.perf_counter()
-    results = score_items(critic, items, batch_size=batch_size, progress=progress)
-    seconds = time.perf_counter() - start
+
+    def score_chunk(chunk: list[Mapping], start: int) -> list[dict]:
+        rows = score_items(critic, chunk, batch_size=batch_size, progress=progress)
+        return json.loads(json.dumps(rows, default=str))  # JSON-ready, as the chunk file stores it
+
+    signature = {"metadata": dict(metadata or {})}
+    run = map_in_chunks(items, score_chunk, Path(output_dir) / "chunks", chunk_size, num_shards, shard_index, signature)
+    if not run.merged:
+        return {"merged": False, "chunks": run.chunks, "chunks_done": run.done, "chunks_skipped": run.skipped}
+    results = _mark_duplicates(run.rows)
     files = write_results(results, output_dir, formats)
     scored, errors = split_results(results)
     summary = {
+        "merged": True,
         "items": len(results),
         "scored": len(scored),
         "errors": len(errors),
@@ -643,8 +662,8 @@ def score_to_files(
         "mean_prob_yes": (sum(r["prob_yes"] for r in scored) / len(scored)) if scored else None,
         "batch_size": batch_size,
         "num_views": int(critic.config.num_views),
-        "seconds": round(seconds, 3),
-        "items_per_second": round(len(results) / seconds, 3) if seconds > 0 else None,
+        "seconds": round(run.seconds, 3),
+        "items_per_second": round(len(results) / run.seconds, 3) if run.seconds > 0 else None,
         "files": {**files, "summary": str(Path(output_dir) / SUMMARY_JSON)},
         "metadata": dict(metadata or {}),
     }
@@ -652,6 +671,19 @@ def score_to_files(
     if errors:
         logger.warning("%d of %d items could not be scored; see %s", len(errors), len(results), files["errors"])
     return summary
+
+
+def _mark_duplicates(results: list[dict]) -> list[dict]:
+    """A scored item whose id a previous item already had becomes a ``duplicate_id`` error (each
+    chunk checks its own items; this checks across chunks)."""
+    seen: set[str] = set()
+    out = []
+    for r in results:
+        if not r.get("error") and r["id"] in seen:
+            r = {"id": r["id"], "prompt": r.get("prompt"), "reason": "duplicate_id", "error": f"{r['id']}: id appears earlier in the input; ids must be unique"}
+        seen.add(r["id"])
+        out.append(r)
+    return out
 
 
 __all__ = [

@@ -16,14 +16,15 @@ its reason in ``errors.jsonl`` while the rest are scored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coherendream.cameras import OrbitSpec
-from coherendream.io import write_json, write_jsonl
+from coherendream.io import write_bytes, write_json, write_jsonl
 
 
 def is_gaussian_ply(path: str | Path) -> bool:
@@ -120,18 +121,17 @@ def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) ->
     return images
 
 
-def asset_items(manifest: str | Path, root: str | Path | None = None, orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
-    """Critic items ``{id, views, prompt, path}`` (or ``{id, error, reason}``) for each manifest row."""
+def asset_rows(manifest: str | Path, root: str | Path | None = None) -> Iterator[dict]:
+    """The manifest's rows as ``{id, prompt, path, full}`` (``full``: the checked path under the
+    root), or ``{id, prompt, path, reason, error}`` for a row that cannot be used; nothing is
+    rendered yet (cheap, so every shard reads the whole manifest)."""
     from coherendream.data.assets import AssetError
     from coherendream.data.manifest import read_table, resolve_under_root
-    from coherendream.data.render import MeshRenderer
 
-    orbit = orbit or OrbitSpec()
     manifest = Path(manifest)
     if not manifest.is_file():
         raise FileNotFoundError(f"manifest {manifest}: not found")
     base = Path(root) if root is not None else manifest.parent
-    renderer = None
     seen = set()
     for line, row in read_table(manifest):
         item_id = str(row.get("id") or row.get("uid") or "").strip() or f"{manifest.name}:{line}"
@@ -152,36 +152,88 @@ def asset_items(manifest: str | Path, root: str | Path | None = None, orbit: Orb
             yield {**base_item, "reason": "missing_path", "error": f"{manifest.name}:{line}: no path"}
             continue
         try:
-            full = resolve_under_root(base, rel)
+            yield {**base_item, "full": resolve_under_root(base, rel)}
+        except AssetError as err:
+            yield {**base_item, "reason": err.reason, "error": str(err)}
+        except (OSError, ValueError) as err:
+            yield {**base_item, "reason": "unreadable", "error": f"{rel}: {err}"}
+
+
+def asset_items(rows: Iterable[dict], orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
+    """Critic items ``{id, views, prompt, path}`` (or ``{id, error, reason}``) for :func:`asset_rows`' rows, rendered now."""
+    from coherendream.data.assets import AssetError
+    from coherendream.data.render import MeshRenderer
+
+    orbit = orbit or OrbitSpec()
+    renderer = None
+    for row in rows:
+        item = {k: v for k, v in row.items() if k != "full"}
+        if "error" in row:
+            yield item
+            continue
+        full = row["full"]
+        try:
             if renderer is None and full.suffix.lower() != ".ply" and not full.is_dir():
                 renderer = MeshRenderer(resolution)
             views = asset_views(full, orbit, resolution, renderer)
         except AssetError as err:
-            yield {**base_item, "reason": err.reason, "error": str(err)}
+            yield {**item, "reason": err.reason, "error": str(err)}
             continue
         except (OSError, ValueError) as err:
-            yield {**base_item, "reason": "unreadable", "error": f"{rel}: {err}"}
+            yield {**item, "reason": "unreadable", "error": f"{item['path']}: {err}"}
             continue
-        yield {**base_item, "views": views}
+        yield {**item, "views": views}
 
 
-def evaluate_assets(critic: Any, manifest: str | Path, output_dir: str | Path, root: str | Path | None = None, resolution: int = 256, batch_size: int = 8, progress: bool = True) -> dict:
-    """Score every asset of ``manifest``; writes scores.{json,csv}, errors.jsonl, summary.json, report.html."""
+def evaluate_assets(
+    critic: Any,
+    manifest: str | Path,
+    output_dir: str | Path,
+    root: str | Path | None = None,
+    resolution: int = 256,
+    batch_size: int = 8,
+    progress: bool = True,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+    chunk_size: int = 64,
+) -> dict:
+    """Score every asset of ``manifest``; writes scores.{json,csv}, errors.jsonl, summary.json, report.html.
+
+    Assets are rendered and scored in chunks of ``chunk_size`` kept under ``output_dir/chunks``
+    (with each asset's views in ``output_dir/views``): a re-run resumes, and processes given
+    ``num_shards``/``shard_index`` (or started by torchrun or a SLURM array) share the chunks;
+    the one that finds them all done writes the results. ``merged`` in the returned summary says
+    whether this call did.
+    """
     from coherendream.critic.batch import score_items, split_results
     from coherendream.eval.report import Report, image_grid_png, write_results
+    from coherendream.shards import map_in_chunks
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     orbit = critic.config.orbit()  # the critic's own views: objects at the size it learned them
-    items = list(asset_items(manifest, root=root, orbit=orbit, resolution=resolution))
-    views_of = {it["id"]: it["views"] for it in items if "views" in it}
-    scored, errors = split_results(score_items(critic, items, batch_size=batch_size, progress=progress))
-    for r in scored:
-        r.pop("views", None)
+    rows = asset_rows(manifest, root=root)
+
+    def score_chunk(chunk: list[dict], start: int) -> list[dict]:
+        items = list(asset_items(chunk, orbit, resolution))
+        results = score_items(critic, items, batch_size=batch_size, progress=progress)
+        for index, (item, r) in enumerate(zip(items, results), start):
+            r.pop("views", None)
+            if "views" in item and not r.get("error"):
+                r["views_png"] = f"views/{index:06d}.png"
+                write_bytes(out / r["views_png"], image_grid_png(item["views"], cols=len(item["views"])))
+        return results
+
+    signature = {"manifest": str(Path(manifest).resolve()), "root": str(root), "resolution": resolution, "orbit": dataclasses.asdict(orbit)}
+    run = map_in_chunks(rows, score_chunk, out / "chunks", chunk_size, num_shards, shard_index, signature)
+    if not run.merged:
+        return {"merged": False, "chunks": run.chunks, "chunks_done": run.done, "chunks_skipped": run.skipped}
+    scored, errors = split_results(run.rows)
     write_results(scored, out / "scores", columns=["id", "prompt", "prob_yes", "margin", "path"])
     write_jsonl(out / "errors.jsonl", errors)
     summary = {
-        "assets": len(items),
+        "merged": True,
+        "assets": len(run.rows),
         "scored": len(scored),
         "errors": len(errors),
         "mean_prob_yes": float(np.mean([r["prob_yes"] for r in scored])) if scored else None,
@@ -192,7 +244,7 @@ def evaluate_assets(critic: Any, manifest: str | Path, output_dir: str | Path, r
     report.add_text(f"{summary['scored']} of {summary['assets']} assets scored; {summary['errors']} could not be used (errors.jsonl).")
     report.add_table([{k: r[k] for k in ("id", "prompt", "prob_yes", "margin")} for r in scored])
     for r in sorted(scored, key=lambda r: -r["prob_yes"]):
-        report.add_image(image_grid_png(views_of[r["id"]], cols=len(views_of[r["id"]])), caption=f"{r['id']}: {r['prompt']!r} -- P(yes) = {r['prob_yes']:.3f}")
+        report.add_image((out / r["views_png"]).read_bytes(), caption=f"{r['id']}: {r['prompt']!r} -- P(yes) = {r['prob_yes']:.3f}")
     if errors:
         report.add_heading("Not scored")
         report.add_table([{k: e.get(k) for k in ("id", "reason", "error")} for e in errors])

@@ -416,11 +416,8 @@ def score_groups(scorer: Any, jobs: Sequence[tuple[str, list, list[list[int]], s
 # =========================================================================== the run
 
 
-def _asset_for(prompt: str, slug: str, set_name: str, out_set: Path, outputs_dir: Path | None,
-               generate_config: Any, generate_fn: Callable | None) -> Path:
-    """Path of the prompt's asset: an existing output, or a fresh generation."""
-    if outputs_dir is not None:
-        return resolve_output(outputs_dir, slug, set_name)
+def _generate(prompt: str, slug: str, out_set: Path, generate_config: Any, generate_fn: Callable | None) -> Path:
+    """Generate the prompt's asset under ``out_set/generations/<slug>`` (resuming a started one); its PLY."""
     if generate_fn is None:
         from coherendream.generation.runner import generate as generate_fn
     config = dataclasses.replace(generate_config, prompt=prompt, output_dir=str(out_set / "generations" / slug))
@@ -432,6 +429,29 @@ def _asset_for(prompt: str, slug: str, set_name: str, out_set: Path, outputs_dir
     if not ply.is_file():
         raise EvalItemError("generation_failed", f"{slug}: generation wrote no PLY (finished={getattr(result, 'finished', None)})")
     return ply
+
+
+def _generate_shard(sets: list[tuple[Path, list[str]]], out: Path, generate_config: Any, generate_fn: Callable | None,
+                    num_shards: int | None, shard_index: int | None) -> dict[tuple[str, str], dict] | None:
+    """This process's share of the generations (``coherendream.shards``); every prompt's record
+    (``{"ply"}`` or ``{"reason", "error"}``) once all are done, else None."""
+    from coherendream.shards import JobMarkers, resolve_shard, shard_items
+
+    num_shards, shard_index = resolve_shard(num_shards, shard_index)
+    jobs = [(f.stem, prompt, slug) for f, prompts in sets for prompt, slug in zip(prompts, prompt_slugs(prompts))]
+    job_id = lambda set_name, slug: f"{slugify(set_name)}__{slug}"  # noqa: E731
+    markers = JobMarkers(out / "generation_jobs")
+    for set_name, prompt, slug in shard_items(jobs, num_shards, shard_index):
+        if markers.done(job_id(set_name, slug)):
+            continue
+        try:
+            record = {"ply": str(_generate(prompt, slug, out / set_name, generate_config, generate_fn))}
+        except EvalItemError as err:
+            record = {"reason": err.reason, "error": str(err)}
+        markers.write(job_id(set_name, slug), record)
+    if not markers.all_done([job_id(n, slug) for n, _, slug in jobs]):
+        return None
+    return {(n, slug): markers.read(job_id(n, slug)) for n, _, slug in jobs}
 
 
 def run_t3bench(
@@ -448,6 +468,8 @@ def run_t3bench(
     batch_size: int = 8,
     report_grids: int = 4,
     generate_fn: Callable | None = None,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
 ) -> dict[str, Any]:
     """Run the T3Bench-style protocol (module docstring) on one or more prompt files.
 
@@ -464,10 +486,15 @@ def run_t3bench(
         report_grids: how many prompts per set get their first group's grid in the HTML page.
         generate_fn: replaces ``generation.runner.generate`` (tests, or a custom generator); takes a
             config, returns an object with ``paths`` (``"ply"``) and ``output_dir``.
+        num_shards, shard_index: when generating, this process makes every ``num_shards``-th
+            asset (``coherendream.shards``: else torchrun's ``RANK``/``WORLD_SIZE`` or a SLURM
+            array); finished generations are marked under ``output_dir/generation_jobs`` and
+            skipped on a re-run, and the process that finds them all done scores and writes.
 
     Returns:
         The summary written to ``summary.json``: per set ``prompts``, ``scored``, ``errors``, the
-        mean of each score column, and the files.
+        mean of each score column, and the files; ``merged`` is False (nothing scored yet) while
+        other shards still generate.
     """
     if (outputs_dir is None) == (generate_config is None):
         raise ValueError("give exactly one of outputs_dir (existing outputs) and generate_config (generate them)")
@@ -490,8 +517,13 @@ def run_t3bench(
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    generated = None
+    if generate_config is not None:
+        generated = _generate_shard(sets, out, generate_config, generate_fn, num_shards, shard_index)
+        if generated is None:
+            return {"merged": False}
     cameras = icosphere_cameras(level, radius, fov_y, resolution)
-    summary: dict[str, Any] = {"settings": {"level": level, "views": len(cameras), "radius": radius, "fov_y": fov_y,
+    summary: dict[str, Any] = {"merged": True, "settings": {"level": level, "views": len(cameras), "radius": radius, "fov_y": fov_y,
                                             "resolution": resolution, "critic_views": int(critic.config.num_views),
                                             "vqa_views": int(vqa_scorer.config.num_views) if vqa_scorer is not None else None,
                                             "source": "outputs" if outputs_dir is not None else "generate"},
@@ -509,8 +541,12 @@ def run_t3bench(
         for prompt, slug in zip(prompts, slugs):
             base = {"set": set_name, "slug": slug, "prompt": prompt}
             try:
-                asset = _asset_for(prompt, slug, set_name, out_set, Path(outputs_dir) if outputs_dir else None,
-                                   generate_config, generate_fn)
+                if generated is None:
+                    asset = resolve_output(outputs_dir, slug, set_name)
+                elif "error" in generated[(set_name, slug)]:
+                    raise EvalItemError(generated[(set_name, slug)]["reason"], generated[(set_name, slug)]["error"])
+                else:
+                    asset = Path(generated[(set_name, slug)]["ply"])
                 views, rendered = load_asset_views(asset, cameras, resolution)
                 cgroups = (group_cameras if rendered else lambda c, v: group_images(len(c), v))(
                     cameras if rendered else views, int(critic.config.num_views))

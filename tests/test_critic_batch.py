@@ -318,3 +318,32 @@ def test_input_kind_is_detected_from_the_path(render_dir, dataset_dir, tmp_path)
         items_from_input(dataset_dir, prompts_file=manifest)
     with pytest.raises(FileNotFoundError, match="not found"):
         detect_input_kind(tmp_path / "nothing")
+
+
+def _scores(folder: Path) -> tuple[list, list]:
+    return read_jsonl(folder / "scores.jsonl"), read_jsonl(folder / "errors.jsonl")
+
+
+def test_score_to_files_split_over_shards_and_resumed_gives_the_single_run(critic, render_dir, tmp_path):
+    one = score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "one", batch_size=3, progress=False, metadata={"m": 1})
+    assert one["merged"] and one["items"] == 8
+    # Chunks of 3 items over 2 shards: the first shard leaves the merge to the second.
+    first = score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "two", batch_size=3, progress=False,
+                           metadata={"m": 1}, num_shards=2, shard_index=0, chunk_size=3)  # fmt: skip
+    assert first == {"merged": False, "chunks": 3, "chunks_done": 2, "chunks_skipped": 0}
+    assert not (tmp_path / "two" / "scores.jsonl").exists()
+    second = score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "two", batch_size=3, progress=False,
+                            metadata={"m": 1}, num_shards=2, shard_index=1, chunk_size=3)  # fmt: skip
+    assert second["merged"] and (second["items"], second["scored"], second["errors"]) == (8, 4, 4)
+    scores_two, errors_two = _scores(tmp_path / "two")
+    scores_one, errors_one = _scores(tmp_path / "one")
+    assert errors_two == errors_one
+    assert [r["id"] for r in scores_two] == [r["id"] for r in scores_one]
+    for a, b in zip(scores_two, scores_one):
+        assert a["prob_yes"] == pytest.approx(b["prob_yes"], abs=1e-5)  # other batch companions: float rounding only
+    # A re-run finds every chunk done and scores nothing again.
+    again = score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "two", batch_size=3, progress=False, metadata={"m": 1}, chunk_size=3)
+    assert again["merged"] and _scores(tmp_path / "two") == (scores_two, errors_two)
+    # Chunks of another run (another model or input) are never mixed in.
+    with pytest.raises(ValueError, match="another run"):
+        score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "two", progress=False, metadata={"m": 2}, chunk_size=3)

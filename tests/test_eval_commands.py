@@ -88,7 +88,8 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     ]
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"id": i, "path": p, "prompt": t}) + "\n" for i, p, t in rows))
-    summary = evaluate_assets(Critic.from_pretrained(tiny), manifest, tmp_path / "out", resolution=32, progress=False)
+    critic = Critic.from_pretrained(tiny)
+    summary = evaluate_assets(critic, manifest, tmp_path / "out", resolution=32, progress=False)
     assert summary["scored"] == 3 and summary["errors"] == 5
     errors = {e["id"]: e["reason"] for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
     assert errors == {"nan": "non_finite", "odd": "view_size_mismatch", "missing": "missing_file", "noprompt": "empty_prompt", "escape": "outside_root"}
@@ -96,6 +97,13 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     assert {s["id"] for s in scores} == {"box", "splats", "views"}
     assert all(0.0 < s["prob_yes"] < 1.0 for s in scores)
     assert "data:image/png;base64" in (tmp_path / "out" / "report.html").read_text()
+
+    # Split over two shards in chunks of 3 assets: the second to finish merges the same results.
+    halves = [evaluate_assets(critic, manifest, tmp_path / "split", resolution=32, progress=False, num_shards=2, shard_index=i, chunk_size=3) for i in (0, 1)]
+    assert not halves[0]["merged"] and halves[1] == {**summary, "merged": True}
+    split = json.loads((tmp_path / "split" / "scores.json").read_text())
+    assert [(s["id"], round(s["prob_yes"], 5)) for s in split] == [(s["id"], round(s["prob_yes"], 5)) for s in scores]
+    assert (tmp_path / "split" / "errors.jsonl").read_text() == (tmp_path / "out" / "errors.jsonl").read_text()
 
 
 def test_eval_assets_renders_from_the_critics_training_orbit(tmp_path):

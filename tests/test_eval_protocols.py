@@ -188,6 +188,19 @@ def test_t3bench_generates_with_template(tmp_path):
     with pytest.raises(ValueError, match="exactly one"):
         t3bench.run_t3bench([pfile], tmp_path / "x", StubScorer(lambda v, q: 0.5))
 
+    # Two shards: each generates its half; the second to finish scores both, as one process did.
+    seen.clear()
+    run = lambda i: t3bench.run_t3bench([pfile], tmp_path / "split", StubScorer(lambda v, q: 0.7), generate_config=GenerateConfig(steps=7),  # noqa: E731
+                                        generate_fn=fake_generate, level=0, resolution=24, num_shards=2, shard_index=i)  # fmt: skip
+    assert run(1) == {"merged": False} and [p for p, _, _ in seen] == ["a blue sphere"]
+    split = run(0)
+    assert [p for p, _, _ in seen] == ["a blue sphere", "a red cube"]
+    assert split["merged"] and split["sets"]["prompt_gen"]["scored"] == 1 and split["sets"]["prompt_gen"]["errors"] == 1
+    assert (tmp_path / "split/prompt_gen/results.csv").read_text().replace("split", "out") == (tmp_path / "out/prompt_gen/results.csv").read_text()
+    # A re-run generates nothing again.
+    seen.clear()
+    assert run(0)["merged"] and seen == []
+
 
 # --------------------------------------------------------------------------- TIFA questions
 
