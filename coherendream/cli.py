@@ -26,6 +26,9 @@ app.add_typer(prior_app, name="prior")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
+# One way to split a batch job over processes, for every command that has one (coherendream.shards).
+NumShards = Annotated[Optional[int], typer.Option(help="split the work over this many processes (default: torchrun's WORLD_SIZE or the SLURM array size, else 1)")]
+ShardIndex = Annotated[Optional[int], typer.Option(help="this process's share (default: RANK or the SLURM array index)")]
 
 
 def _fail(message: str) -> None:
@@ -45,8 +48,8 @@ def data_build(
     path_pattern: Annotated[Optional[str], typer.Option(help="manifest without paths (Cap3D): e.g. '{uid}.glb'")] = None,
     root: Annotated[Optional[Path], typer.Option(help="root of manifest paths (default: the manifest's folder)")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="parallel worker processes")] = None,
-    num_shards: Annotated[Optional[int], typer.Option(help="split the chunks over this many jobs (default: WORLD_SIZE or the SLURM array size)")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(help="this job's shard (default: RANK or the SLURM array index)")] = None,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
     overwrite: Annotated[bool, typer.Option(help="discard an existing build in the output folder")] = False,
 ) -> None:
     """Render assets into V views and write yes/no prompt/completion rows as a Hugging Face dataset.
@@ -171,11 +174,16 @@ def critic_score(
     batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
     dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available)")] = None,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
+    chunk_size: Annotated[int, typer.Option(help="items per chunk (the unit of resuming and of splitting)")] = 256,
 ) -> None:
     """Score 3D assets' views against prompts: P("Yes") and the yes/no logit margin per item.
 
     Items that cannot be scored (unreadable image, wrong number of views, empty prompt, a path
     outside the manifest's root) are listed with their reason in errors.jsonl; the rest are scored.
+    Finished chunks are kept under the output folder: re-running resumes, and processes given
+    --num-shards/--shard-index (or started by torchrun or a SLURM array) share the work.
     """
     from coherendream.critic.batch import items_from_input, score_to_files
     from coherendream.critic.model import default_critic_path
@@ -184,10 +192,16 @@ def critic_score(
         items = items_from_input(input, kind, split=split, prompts_file=prompts_file, root=root)
         critic = _load_critic(model, adapter, dtype, device)
         metadata = {"model": model or str(default_critic_path()), "adapter": str(adapter) if adapter else None, "input": str(input)}
-        summary = score_to_files(critic, items, output, batch_size=batch_size, metadata=metadata)
+        summary = score_to_files(critic, items, output, batch_size=batch_size, metadata=metadata,
+                                 num_shards=num_shards, shard_index=shard_index, chunk_size=chunk_size)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if not summary["merged"]:
+        typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
+        return
     typer.echo(f"scored {summary['scored']} of {summary['items']} items ({summary['errors']} errors, see errors.jsonl) -> {Path(output).resolve()}")
+    if summary["scored"] == 0:
+        _fail(f"no item of {input} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
 
 
 @critic_app.command("build-tiny")
@@ -306,15 +320,27 @@ def eval_assets(
     root: Annotated[Optional[Path], typer.Option(help="root of the manifest's paths (default: its folder)")] = None,
     resolution: Annotated[int, typer.Option(help="render size of each view in pixels")] = 256,
     batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
 ) -> None:
-    """Render each asset with the toolkit's renderers and score it against its prompt."""
+    """Render each asset with the toolkit's renderers and score it against its prompt.
+
+    Finished chunks of assets are kept under the output folder: re-running resumes, and
+    processes given --num-shards/--shard-index (or started by torchrun or a SLURM array) share them.
+    """
     from coherendream.eval.assets import evaluate_assets
 
     try:
-        summary = evaluate_assets(_load_critic(model, adapter), manifest, output, root=root, resolution=resolution, batch_size=batch_size)
+        summary = evaluate_assets(_load_critic(model, adapter), manifest, output, root=root, resolution=resolution, batch_size=batch_size,
+                                  num_shards=num_shards, shard_index=shard_index)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
+    if not summary["merged"]:
+        typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
+        return
     typer.echo(f"scored {summary['scored']} of {summary['assets']} assets ({summary['errors']} errors, see errors.jsonl); report: {Path(output).resolve() / 'report.html'}")
+    if summary["scored"] == 0:
+        _fail(f"no asset of {manifest} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
 
 
 AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")]
@@ -338,8 +364,14 @@ def eval_t3bench(
     level: Annotated[int, typer.Option(help="icosphere subdivision of the camera set (1: 42 views, 2: 162 as T3Bench)")] = 1,
     resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
     batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
 ) -> None:
-    """T3Bench-style protocol: alignment (critic, optional VQAScore) and a quality proxy, one table per prompt set."""
+    """T3Bench-style protocol: alignment (critic, optional VQAScore) and a quality proxy, one table per prompt set.
+
+    With --generate-config, processes given --num-shards/--shard-index (or started by torchrun or a
+    SLURM array) share the generations; the last to finish scores them all. Re-running resumes.
+    """
     from coherendream.config import load_config
     from coherendream.eval.t3bench import make_vqa_scorer, run_t3bench
     from coherendream.generation.runner import GenerateConfig
@@ -348,9 +380,13 @@ def eval_t3bench(
         critic = _load_critic(model, adapter)
         vqa = make_vqa_scorer(vqa_model, num_views=critic.config.num_views) if vqa_model else None
         gen = load_config(GenerateConfig, generate_config) if generate_config else None
-        summary = run_t3bench(prompt_files, output, critic, vqa_scorer=vqa, outputs_dir=outputs_dir, generate_config=gen, level=level, resolution=resolution, batch_size=batch_size)
+        summary = run_t3bench(prompt_files, output, critic, vqa_scorer=vqa, outputs_dir=outputs_dir, generate_config=gen, level=level,
+                              resolution=resolution, batch_size=batch_size, num_shards=num_shards, shard_index=shard_index)  # fmt: skip
     except (ValueError, FileNotFoundError, ConfigError) as err:
         _fail(str(err))
+    if not summary["merged"]:
+        typer.echo("this shard's generations are done; other shards still generate, and the last to finish scores them all")
+        return
     _summary_line(summary, output)
 
 
@@ -484,8 +520,8 @@ def eval_procedural(
     seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="generation seed (repeat; default 0 and 1)")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimisation steps of every generation")] = None,
     limit: Annotated[Optional[int], typer.Option(help="only the first N prompts of each category")] = None,
-    num_shards: Annotated[Optional[int], typer.Option(help="split the jobs over this many processes (default: torchrun/SLURM, else 1)")] = None,
-    shard_index: Annotated[Optional[int], typer.Option(help="this process's share")] = None,
+    num_shards: NumShards = None,
+    shard_index: ShardIndex = None,
 ) -> None:
     """SDS against TCSD on procedural prompts with exact answers: generate, judge against real renders, compare."""
     from coherendream.eval.procedural import DEFAULT_METHODS, ProceduralEvalConfig, run_procedural_eval
@@ -522,22 +558,22 @@ def demo(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="extra `generate` overrides, key=value", show_default=False)] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="output folder")] = Path("outputs/demo"),
     critic: Annotated[Optional[str], typer.Option(help="critic (default: the embedded procedural critic)")] = None,
-    prompt: Annotated[str, typer.Option(help="a multi-object procedural prompt")] = "a red cube to the left of a blue sphere",
-    eval_scenes: Annotated[int, typer.Option(help="procedural scenes in the evaluation set")] = 96,
-    steps: Annotated[int, typer.Option(help="TCSD steps per generation run")] = 200,
-    num_gaussians: Annotated[int, typer.Option(help="Gaussians per scene")] = 2048,
+    eval_scenes: Annotated[int, typer.Option(help="procedural scenes in the critic's evaluation set")] = 96,
+    prompts_per_category: Annotated[int, typer.Option(help="benchmark prompts generated per category")] = 1,
+    steps: Annotated[int, typer.Option(help="optimisation steps per generation")] = 200,
 ) -> None:
-    """Evaluate the embedded critic, generate a procedural prompt with TCSD on CPU, check it, write an HTML report."""
+    """Evaluate the embedded critic, then generate a slice of the procedural benchmark with SDS and with TCSD on CPU; one HTML report."""
     from coherendream.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(output_dir=str(output), critic=critic, prompt=prompt, eval_scenes=eval_scenes, steps=steps, num_gaussians=num_gaussians, overrides=list(overrides or []))
+    cfg = DemoConfig(output_dir=str(output), critic=critic, eval_scenes=eval_scenes, prompts_per_category=prompts_per_category, steps=steps, overrides=list(overrides or []))
     try:
         summary = run_demo(cfg)
     except (ValueError, FileNotFoundError, ConfigError) as err:
         _fail(str(err))
     typer.echo(f"critic accuracy on fresh procedural scenes: {summary['critic_accuracy']:.3f}")
-    for name, run in summary["generation"].items():
-        typer.echo(f"{name}: critic P(yes) {run['final_prob_yes']:.3f}, colours right {run['color_accuracy']}, relations right {run['relation_accuracy']}")
+    for r in summary["generation"]:
+        order = "" if r["placement"] is None else f", colours in order {r['placement']:.2f}"
+        typer.echo(f"{r['method']:>6} {r['prompt']!r}: object colour {r['object_color']:.2f}{order}, critic P(yes) {r['critic_prob_yes']:.3f}")
     typer.echo(f"report: {Path(summary['report']).resolve()}")
 
 

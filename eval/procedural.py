@@ -45,7 +45,7 @@ from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_pr
 from coherendream.io import atomic_open, write_json
 from coherendream.shards import JobMarkers, resolve_shard, shard_items
 
-__all__ = ["DEFAULT_METHODS", "ProceduralEvalConfig", "run_procedural_eval", "judge_generation", "summarise"]
+__all__ = ["DEFAULT_METHODS", "ProceduralEvalConfig", "run_procedural_eval", "judge_generation", "summarise", "add_side_by_side"]
 
 DEFAULT_METHODS: dict[str, list[str]] = {
     "sds": ["mode=sds"],
@@ -236,11 +236,18 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
     report.add_heading("Method x category")
     report.add_table([{k: v for k, v in r.items() if "CI" not in k or "minus" in k} for r in flat])
     report.add_heading("Per prompt (front, side, back, side views of each method, first seed)")
+    add_side_by_side(report, rows, specs, summary["methods"], config.seeds[0])
+    report.write(out / "report.html")
+
+
+def add_side_by_side(report: Any, rows: list[dict[str, Any]], specs: list[PromptSpec], methods: list[str], seed: int) -> None:
+    """Per prompt: every method's four views side by side, each captioned with its ground-truth
+    verdicts (object colour, colours in order) and the critic's P(yes)."""
     by_key = {(r["method"], r["prompt_id"], r["seed"]): r for r in rows}
     for spec in specs:
         images, captions = [], []
-        for method in summary["methods"]:
-            r = by_key.get((method, spec.id, config.seeds[0]))
+        for method in methods:
+            r = by_key.get((method, spec.id, seed))
             grid = Path(r["output_dir"]) / "views" / "grid.png" if r else None
             if grid is not None and grid.is_file():
                 images.append(grid.read_bytes())
@@ -250,7 +257,6 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
         if images:
             report.add_heading(f"{spec.id}: {spec.prompt}", level=3)
             report.add_images(images, captions, cols=len(images), width=160)
-    report.write(out / "report.html")
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +313,7 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
         rows = [markers.read(j) for j in ids]
         summary = summarise(rows, config.bootstrap)
         _write_results(out, rows, summary, specs, config)
-        status.update(merged=True, summary=summary)
+        status.update(merged=True, summary=summary, rows=rows)
     return status
 
 

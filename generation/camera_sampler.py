@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coherendream.cameras import Camera
+from coherendream.cameras import Camera, OrbitSpec
 
-__all__ = ["CameraBatch", "OrbitCameraSampler", "sample_orbit_cameras", "view_direction", "view_prompt"]
+__all__ = ["CameraBatch", "OrbitCameraSampler", "sample_orbit_cameras", "sample_jittered_orbit", "view_direction", "view_prompt"]
 
 Generator = torch.Generator | np.random.Generator | None
 
@@ -101,18 +101,51 @@ def sample_orbit_cameras(
     azimuths = (u[0] + np.arange(num_views)) / num_views * 360.0
     elevation, distance, fov = lerp(elevation_range, u[1]), lerp(distance_range, u[2]), lerp(fov_range, u[3])
     cams = [Camera.orbit(float(a), elevation, distance, fov, width, height) for a in azimuths]
+    return _batch(cams, azimuths, elevation, distance, fov, width, height, device, dtype)
+
+
+def _batch(cams: list[Camera], azimuths: np.ndarray, elevation: float, distance: float, fov: float, width: int, height: int, device, dtype) -> CameraBatch:
+    n = len(cams)
     t = lambda x: torch.as_tensor(np.asarray(x), dtype=dtype, device=device)  # noqa: E731
     return CameraBatch(
         viewmats=t(np.stack([c.viewmat for c in cams])),
         Ks=t(np.stack([c.K for c in cams])),
         c2w=t(np.stack([c.c2w for c in cams])),
         azimuths=t(azimuths),
-        elevations=t(np.full(num_views, elevation)),
-        distances=t(np.full(num_views, distance)),
-        fov_y=t(np.full(num_views, fov)),
+        elevations=t(np.full(n, elevation)),
+        distances=t(np.full(n, distance)),
+        fov_y=t(np.full(n, fov)),
         width=width,
         height=height,
     )
+
+
+def sample_jittered_orbit(
+    orbit: OrbitSpec,
+    width: int,
+    height: int | None = None,
+    azimuth_jitter: float = 0.0,
+    elevation_jitter: float = 0.0,
+    generator: Generator = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> CameraBatch:
+    """The fixed views of ``orbit`` (a critic's training cameras: azimuths from 0 = front, one
+    elevation, distance and FoV), turned together by one azimuth offset ``U[-azimuth_jitter,
+    azimuth_jitter]`` and raised by one ``U[-elevation_jitter, elevation_jitter]`` (degrees).
+
+    A critic judges "to the left of" in the frame it was trained in, so its views must keep the
+    first view at the front; the small shared jitter keeps its gradient from fitting one exact
+    camera. Two draws are consumed from ``generator`` (azimuth, then elevation).
+    """
+    if orbit.random_views:
+        raise ValueError("sample_jittered_orbit needs an orbit of fixed azimuths (random_views = 0)")
+    height = height or width
+    u = _uniform(generator, 2) * 2.0 - 1.0
+    azimuths = (np.asarray(orbit.azimuths, dtype=np.float64) + u[0] * azimuth_jitter) % 360.0
+    elevation = orbit.elevation + u[1] * elevation_jitter
+    cams = [Camera.orbit(float(a), elevation, orbit.distance, orbit.fov_y, width, height) for a in azimuths]
+    return _batch(cams, azimuths, elevation, orbit.distance, orbit.fov_y, width, height, device, dtype)
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ resulting gradients before applying :func:`sds_loss` to their weighted sum.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Sequence
@@ -68,6 +69,7 @@ DEFAULT_GPU_PRIOR = "stabilityai/stable-diffusion-2-1-base"
 _TEXT_ENCODERS = ("CLIPTextModel", "CLIPTextModelWithProjection", "T5EncoderModel")
 #: SD's CLIP context, and the length IF's pipeline pads its T5 prompts to.
 TEXT_MAX_LENGTH = 77
+TEXT_CACHE_SIZE = 256  # prompts whose text embeddings an SDSGuidance keeps (least recently used dropped)
 
 
 def has_vae(model_index: dict) -> bool:
@@ -385,7 +387,7 @@ class SDSGuidance:
         sample_size = unet.config.sample_size
         sample_size = sample_size[0] if isinstance(sample_size, (tuple, list)) else int(sample_size)
         self.resolution = self.config.resolution or sample_size * self.vae_scale_factor
-        self._text_cache: dict[str, torch.Tensor] = {}
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     # ----- construction ---------------------------------------------------------------------
 
@@ -485,14 +487,19 @@ class SDSGuidance:
         return hidden.to(device=self.device, dtype=self.dtype)
 
     def get_text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``[B, L, D]`` embeddings of ``prompts``; each distinct prompt is encoded once per instance."""
+        """``[B, L, D]`` embeddings of ``prompts``; each distinct prompt is encoded once and kept
+        while it is among the ``TEXT_CACHE_SIZE`` most recently used (one guidance object serves
+        a whole benchmark of prompts, each with its view suffixes)."""
+        cache = self._text_cache
         for prompt in dict.fromkeys(prompts):  # distinct, in order
-            if prompt not in self._text_cache:
-                self._text_cache[prompt] = self._encode_prompt(prompt)
-        return torch.cat([self._text_cache[p] for p in prompts], dim=0)
-
-    def clear_text_cache(self) -> None:
-        self._text_cache.clear()
+            if prompt in cache:
+                cache.move_to_end(prompt)
+            else:
+                cache[prompt] = self._encode_prompt(prompt)
+        out = torch.cat([cache[p] for p in prompts], dim=0)
+        while len(cache) > TEXT_CACHE_SIZE:
+            cache.popitem(last=False)
+        return out
 
     def prompts_for_views(self, prompt: str, azimuths: Sequence[float], elevations: Sequence[float] | float) -> list[str]:
         """One prompt per view; view-dependent ("..., back view") if the config asks for it."""

@@ -38,9 +38,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from coherendream.cameras import Camera, ring_azimuths
+from coherendream.cameras import Camera, OrbitSpec, ring_azimuths
 from coherendream.config import dump_yaml, to_dict
-from coherendream.generation.camera_sampler import OrbitCameraSampler
+from coherendream.generation.camera_sampler import OrbitCameraSampler, sample_jittered_orbit
 from coherendream.generation.gaussians import GaussianModel
 from coherendream.generation.guidance import SDSConfig
 from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout, validate_layout
@@ -415,6 +415,12 @@ def _check_parts(config: GenerateConfig, critic: Any, guidance: Any) -> None:
         raise ValueError("tcsd.critic.x0_straight_through needs a prior (x0 is the prior's prediction); set it false with prior: none")
 
 
+def _critic_orbit(critic: Any) -> OrbitSpec:
+    """The cameras ``critic`` was trained on (its ``config.orbit()``), else the design's default orbit."""
+    config = getattr(critic, "config", None)
+    return config.orbit() if callable(getattr(config, "orbit", None)) else OrbitSpec()
+
+
 def _finite(step_out: StepGradients) -> bool:
     return math.isfinite(step_out.loss) and step_out.grad is not None and bool(torch.isfinite(step_out.grad).all())
 
@@ -508,6 +514,9 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     sampler = OrbitCameraSampler(config.num_views, config.resolution, None, config.cameras.elevation_range, config.cameras.distance_range, config.cameras.fov_range)
     background = torch.tensor(config.cameras.background, dtype=torch.float32, device=device)
     critic_term = CriticTerm(critic, config.tcsd.critic) if config.mode == "tcsd" else None
+    tc = config.tcsd.critic
+    critic_views_from_orbit = critic_term is not None and tc.views == "orbit"
+    critic_orbit = _critic_orbit(critic) if critic_views_from_orbit else None
     stop = config.steps if config.max_steps_this_run is None else min(config.steps, start + config.max_steps_this_run)
     from tqdm.auto import tqdm
 
@@ -515,7 +524,10 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     with open(metrics_path, "a", encoding="utf-8") as log:
         for step in bar:
             t0 = time.perf_counter()
-            cams = sampler.sample(generator, device=device)
+            if critic_views_from_orbit and critic_term.active(step):
+                cams = sample_jittered_orbit(critic_orbit, config.resolution, None, tc.azimuth_jitter, tc.elevation_jitter, generator, device)
+            else:
+                cams = sampler.sample(generator, device=device)
             rgb = model.render(cams.viewmats, cams.Ks, config.resolution, config.resolution, backgrounds=background, backend=config.backend)
             rgb = rgb.rgb.permute(0, 3, 1, 2)  # [V, 3, H, W]
             sds_prompts = None
@@ -541,7 +553,8 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
             if status.startswith("skipped"):
                 skipped.append(step)
                 optimizer.zero_grad(set_to_none=True)  # nothing of the bad step survives
-            record = {"step": step, "status": status, **g.log_record(), "seconds": time.perf_counter() - t0}
+            record = {"step": step, "status": status, **g.log_record(), "azimuth": float(cams.azimuths[0]), "elevation": float(cams.elevations[0]),
+                      "seconds": time.perf_counter() - t0}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix({k: f"{v:.3g}" for k, v in (("loss", g.loss), ("sds", g.loss_sds), ("critic", g.loss_critic), ("lam", g.lam), ("P(yes)", g.prob_yes)) if v is not None})

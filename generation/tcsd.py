@@ -70,10 +70,10 @@ __all__ = [
     "critic_loss",
     "match_gradient_norm",
     "straight_through",
+    "augment_views",
     "decode_x0_views",
     "reward_weights",
     "reward_weighted_sds",
-    "sds_only_step",
     "tcsd_step",
 ]
 
@@ -103,6 +103,23 @@ class CriticTermConfig:
         every_k: Apply the term every k-th step from ``start_step`` on.
         x0_straight_through: The critic sees the prior's x0 prediction through the straight-through
             estimator (needs a prior).
+        views: Cameras of the steps the term is on. ``"orbit"``: the critic's own training orbit
+            (``critic.config.orbit()``: first view at the front, its elevation, distance and FoV),
+            turned by a shared ``U[-azimuth_jitter, azimuth_jitter]`` and raised by
+            ``U[-elevation_jitter, elevation_jitter]`` degrees; the prior then distils from those
+            views too, so one render serves both terms. ``"step"``: the step's random orbit
+            cameras (the first view anywhere in the first quarter turn), where a critic trained
+            with the front view first cannot tell left from right.
+        augment_copies: The critic scores this many randomly augmented copies of the views in one
+            batch and its loss is their mean (expectation over transformations), so that its
+            gradient follows what survives small shifts and noise rather than one pixel pattern.
+            1 with no shift and no noise = the views as rendered.
+        augment_shift: Largest shift of a copy in pixels (each copy and view its own, edge pixels
+            repeated).
+        augment_noise: Standard deviation of Gaussian pixel noise added to each copy.
+        saturate_prob: A hinge on the critic's belief: at steps where its mean P(yes) over the
+            copies is already at least this, the term adds nothing (it stops pushing an image the
+            critic accepts further into the critic's own blind spots). ``None``: never saturates.
         eps: Added to ``||g_critic||`` in the lambda denominator.
     """
 
@@ -112,6 +129,13 @@ class CriticTermConfig:
     start_step: int = 0
     every_k: int = 1
     x0_straight_through: bool = False
+    views: Literal["orbit", "step"] = "orbit"
+    azimuth_jitter: float = 10.0
+    elevation_jitter: float = 5.0
+    augment_copies: int = 1
+    augment_shift: int = 0
+    augment_noise: float = 0.0
+    saturate_prob: float | None = None
     eps: float = 1.0e-12
 
     def __post_init__(self) -> None:
@@ -123,6 +147,17 @@ class CriticTermConfig:
             raise ValueError(f"start_step must be >= 0, got {self.start_step}")
         if self.max_lambda is not None and self.max_lambda <= 0:
             raise ValueError(f"max_lambda must be positive or None, got {self.max_lambda}")
+        if self.views not in ("orbit", "step"):
+            raise ValueError(f"views must be 'orbit' or 'step', got {self.views!r}")
+        if self.azimuth_jitter < 0 or self.elevation_jitter < 0:
+            raise ValueError(f"azimuth_jitter and elevation_jitter must be >= 0, got {self.azimuth_jitter}, {self.elevation_jitter}")
+        if self.augment_copies < 1 or self.augment_shift < 0 or self.augment_noise < 0:
+            raise ValueError(
+                f"augment_copies must be >= 1 and augment_shift, augment_noise >= 0, got "
+                f"{self.augment_copies}, {self.augment_shift}, {self.augment_noise}"
+            )
+        if self.saturate_prob is not None and not 0 < self.saturate_prob <= 1:
+            raise ValueError(f"saturate_prob must be in (0, 1] or None, got {self.saturate_prob}")
 
 
 @dataclass
@@ -182,6 +217,25 @@ def match_gradient_norm(g_sds: Tensor, g_critic: Tensor, grad_ratio: float, eps:
     if max_lambda is not None:
         lam = lam.clamp(max=max_lambda)
     return lam.detach()
+
+
+def augment_views(views: Tensor, copies: int, shift: int = 0, noise: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """``copies`` randomly shifted, noised versions of ``views`` ``[V, 3, H, W]``: ``[copies, V, 3, H, W]``.
+
+    Each copy and view is shifted by whole pixels in ``[-shift, shift]`` along each axis (the edge
+    pixels repeated into the gap, as a render's background continues past its border) and gets
+    ``N(0, noise^2)`` pixel noise; differentiable in ``views``. With ``shift = 0`` and
+    ``noise = 0`` every copy is ``views``.
+    """
+    V, C, H, W = views.shape
+    out = views.unsqueeze(0).expand(copies, V, C, H, W)
+    if shift > 0:
+        padded = F.pad(views.reshape(1, V * C, H, W), (shift, shift, shift, shift), mode="replicate")[0].reshape(V, C, H + 2 * shift, W + 2 * shift)
+        offsets = torch.randint(0, 2 * shift + 1, (copies, V, 2), generator=generator, device="cpu").tolist()
+        out = torch.stack([torch.stack([padded[v, :, dy : dy + H, dx : dx + W] for v, (dy, dx) in enumerate(row)]) for row in offsets])
+    if noise > 0:
+        out = out + noise * torch.randn(out.shape, generator=generator, device="cpu").to(out)
+    return out
 
 
 def straight_through(rgb: Tensor, x0_rgb: Tensor) -> Tensor:
@@ -276,6 +330,10 @@ def _finite_or_none(x: Any) -> Any:
     return x if math.isfinite(x) else None
 
 
+def _prob_yes(out: Any) -> Tensor:
+    return out.prob_yes if hasattr(out, "prob_yes") else torch.sigmoid(out.margin.float())
+
+
 def _item(x: Tensor) -> float:
     return float(x.detach().float().mean().cpu())
 
@@ -303,6 +361,7 @@ class CriticTerm:
         prompt: str,
         g_sds: Tensor | None = None,
         x0_images: Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Any]:
         """The critic's weighted image gradient.
 
@@ -312,14 +371,18 @@ class CriticTerm:
             g_sds: ``[V, 3, H, W]`` ``dL_SDS/dI`` to match the norm of, or None (no prior: lambda
                 is the fixed ``weight``).
             x0_images: ``[V, 3, H, W]`` decoded x0 for the straight-through input, or None.
+            generator: Source of the augmentations (CPU).
         Returns:
             ``(g_critic, lambda, L_critic, critic_output)``; ``g_critic = dL_critic/dI`` (unweighted:
-            the caller adds ``lambda * g_critic``).
+            the caller adds ``lambda * g_critic``); zero when the term is saturated.
         """
         c = self.config
         seen = straight_through(images, x0_images) if x0_images is not None else images
-        loss, out = critic_loss(self.critic, seen[None], [prompt])
+        copies = augment_views(seen, c.augment_copies, c.augment_shift, c.augment_noise, generator)
+        loss, out = critic_loss(self.critic, copies, [prompt] * c.augment_copies)
         (g_critic,) = torch.autograd.grad(loss, images)
+        if c.saturate_prob is not None and _item(_prob_yes(out)) >= c.saturate_prob:
+            g_critic = torch.zeros_like(g_critic)
         if g_sds is None:
             lam = torch.tensor(float(c.weight), device=images.device)
         else:
@@ -370,7 +433,7 @@ def tcsd_step(
     if critic_term is not None and critic_term.active(step):
         if critic_term.config.x0_straight_through and guidance is None:
             raise ValueError("x0_straight_through needs a prior (the x0 prediction comes from SDS)")
-        g_critic, lam, l_c, c_out = critic_term.gradient(images, prompt, g_sds, x0_images)
+        g_critic, lam, l_c, c_out = critic_term.gradient(images, prompt, g_sds, x0_images, generator)
         g_c = lam * g_critic.float()
         grad = g_c if grad is None else grad + g_c
         total = lam * l_c if total is None else total + lam * l_c
@@ -378,18 +441,13 @@ def tcsd_step(
         out.lam = _item(lam)
         out.loss_critic = _item(l_c)
         out.margin = _item(c_out.margin)
-        out.prob_yes = _item(c_out.prob_yes) if hasattr(c_out, "prob_yes") else _item(torch.sigmoid(c_out.margin.float()))
+        out.prob_yes = _item(_prob_yes(c_out))
         out.grad_norm_critic = _item(g_critic.float().norm())
     if grad is not None:
         out.grad = grad
         out.loss = _item(total)
         out.grad_norm = _item(grad.norm())
     return out
-
-
-def sds_only_step(rgb: Tensor, prompt: str, step: int, guidance: Any, sds_prompts: Sequence[str] | None = None, generator: torch.Generator | None = None) -> StepGradients:
-    """Plain SDS as a :class:`StepGradients` (``tcsd_step`` without a critic term)."""
-    return tcsd_step(rgb, prompt, step, guidance=guidance, critic_term=None, sds_prompts=sds_prompts, generator=generator)
 
 
 def reward_weighted_sds(

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from coherendream.generation.guidance import SDSConfig, SDSGuidance
 from coherendream.generation.tcsd import (
+    augment_views,
     CriticTerm,
     CriticTermConfig,
     RewardWeightedConfig,
@@ -233,3 +235,50 @@ def test_reward_weighted_sds_weights_draws_by_critic(tiny_guidance):
     (ref,) = torch.autograd.grad(sds_loss(lat, g), img)
     assert torch.allclose(out.grad, ref, rtol=1e-4, atol=1e-7)
     assert out.t == int(t[0])
+
+
+def test_augmented_copies_shift_whole_pixels_add_noise_and_carry_gradients():
+    views = torch.zeros(2, 3, 8, 8)
+    views[:, :, 4, 4] = 1.0
+    views.requires_grad_(True)
+    same = augment_views(views, 3)
+    assert same.shape == (3, 2, 3, 8, 8) and torch.equal(same[1], views)
+    shifted = augment_views(views, 4, shift=2, generator=torch.Generator().manual_seed(0))
+    for copy in shifted.detach():
+        for view in copy:
+            (ys, xs) = torch.nonzero(view[0] == 1.0, as_tuple=True)
+            assert len(ys) == 1 and abs(int(ys[0]) - 4) <= 2 and abs(int(xs[0]) - 4) <= 2
+    assert len({tuple(torch.nonzero(v[0]).flatten().tolist()) for c in shifted.detach() for v in c}) > 1  # not all the same shift
+    noisy = augment_views(views, 2, noise=0.1, generator=torch.Generator().manual_seed(0))
+    assert 0.05 < float((noisy - views).detach().std()) < 0.15
+    # d(sum of copies)/d(views) counts how many copies each pixel reaches: 2 copies -> 2 everywhere
+    (g,) = torch.autograd.grad(noisy.sum(), views)
+    assert torch.allclose(g, torch.full_like(g, 2.0))
+
+
+def test_saturated_critic_term_stops_pushing():
+    critic = StubCritic(torch.Size([4, 3, 8, 8]))
+    rgb = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    free = tcsd_step(rgb, "p", 0, critic_term=CriticTerm(critic, CriticTermConfig(weight=1.0)))
+    p = free.prob_yes
+    below = tcsd_step(rgb, "p", 0, critic_term=CriticTerm(critic, CriticTermConfig(weight=1.0, saturate_prob=min(1.0, p + 1e-3))))
+    above = tcsd_step(rgb, "p", 0, critic_term=CriticTerm(critic, CriticTermConfig(weight=1.0, saturate_prob=max(1e-6, p - 1e-3))))
+    assert torch.equal(below.grad, free.grad) and free.grad.abs().sum() > 0
+    assert above.critic_active and above.grad.abs().sum() == 0  # P(yes) already above the hinge
+
+
+def test_jittered_orbit_keeps_the_front_view_first():
+    from coherendream.cameras import OrbitSpec
+    from coherendream.generation.camera_sampler import sample_jittered_orbit
+
+    orbit = OrbitSpec(elevation=15.0, distance=2.5, fov_y=40.0)
+    exact = sample_jittered_orbit(orbit, 16)
+    assert exact.azimuths.tolist() == [0.0, 90.0, 180.0, 270.0] and exact.elevations.tolist() == [15.0] * 4
+    reference = orbit.cameras(16)
+    assert torch.allclose(exact.viewmats, torch.tensor(np.stack([c.viewmat for c in reference]), dtype=torch.float32), atol=1e-6)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        cams = sample_jittered_orbit(orbit, 16, azimuth_jitter=10.0, elevation_jitter=5.0, generator=g)
+        a = cams.azimuths.double()
+        assert torch.allclose((a - a[0]) % 360, torch.tensor([0.0, 90.0, 180.0, 270.0], dtype=torch.float64), atol=1e-4)
+        assert min(float(a[0]), 360 - float(a[0])) <= 10.0 and abs(float(cams.elevations[0]) - 15.0) <= 5.0
