@@ -274,7 +274,8 @@ def generate_command(
     score = result.final_critic
     typer.echo(f"generated in {result.output_dir.resolve()} ({result.step} steps, {len(result.skipped_steps)} skipped, {result.seconds:.1f} s)")
     if score is not None:
-        typer.echo(f"critic on the final views: P(yes) = {score['prob_yes']:.4f}, margin = {score['margin']:.4f}")
+        where = f"azimuths {'/'.join(f'{a:g}' for a in score['azimuths'])}, elevation {score['elevation']:g}"
+        typer.echo(f"critic on the final Gaussians from its training orbit ({where}): P(yes) = {score['prob_yes']:.4f}, margin = {score['margin']:.4f}")
     for note in result.notes:
         typer.echo(f"note: {note}")
 

@@ -125,7 +125,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{prefix or 'config'}: {err}") from err
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from err
 
 
 def to_dict(config: Any) -> Any:

@@ -86,6 +86,12 @@ class RenderConfig:
     depth: bool = False  # add a `depth` column (16-bit PNG, millimetres of the unit-cube frame; 0 = background)
     normals: bool = False  # add a `normals` column (RGBA PNG, world normal * 0.5 + 0.5; alpha = coverage)
 
+    def __post_init__(self) -> None:
+        if not self.resolution >= 1:
+            raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        if self.samples < 0:
+            raise ValueError(f"samples (MSAA) must be >= 0, got {self.samples}")
+
 
 @dataclass
 class BuildConfig:
@@ -483,6 +489,9 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     start = time.time()
     out = Path(config.output_dir)
     state = out / ".build"
+    # The inputs are checked before anything is written or removed: a command that fails here
+    # leaves the output folder as it was.
+    refs, manifest_rejected = plan_assets(config)
     if config.overwrite and out.exists() and config.shard_index == 0:
         for sub in (state, out / "data"):
             shutil.rmtree(sub, ignore_errors=True)
@@ -499,7 +508,6 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     else:
         write_json(ident_file, identity)
 
-    refs, manifest_rejected = plan_assets(config)
     splits = [assign_split(r, config.splits, config.seed) for r in refs]
     pools: dict[str, list[tuple[str, str]]] = {}
     for ref, split in zip(refs, splits):

@@ -6,8 +6,8 @@ model: its renders at the critic's orbit go to :class:`~coherendream.eval.image_
 calibrated on real renders of the same scenes (so no method is scored by a model it was optimised
 against); the critic's P(yes) is recorded beside it.
 
-- **single / count**: the object's colour (majority over the four views) and, for single
-  objects, its shape;
+- **single / count**: the object's colour (majority over the four views), the number of objects
+  (separate parts of the front view) and, for single objects, its shape;
 - **relation / two_groups** (front view): each object's colour, strictly: the foreground is cut
   along the relation's axis where the groups' counts put the boundary and each group's colour
   must be the majority of its own part (left of, right of, on top of, next to; not decidable
@@ -56,7 +56,7 @@ DEFAULT_METHODS: dict[str, list[str]] = {
 # Every method: colours from the guidance alone, no turntable, no progress bars in logs.
 BENCH_OVERRIDES = ["init.colors=gray", "outputs.turntable_frames=0", "progress=false"]
 _REPO_PRESET = Path(__file__).resolve().parents[1] / "configs" / "generate" / "cpu_tiny.yaml"
-METRICS = ("object_color", "color_present", "shape", "placement", "swapped", "critic_prob_yes")
+METRICS = ("object_color", "color_present", "shape", "count", "placement", "swapped", "critic_prob_yes")
 
 
 @dataclass
@@ -122,12 +122,14 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
     white = torch.ones(3, device=model.means.device)
     views = render_views(model, [0.0, 90.0, 180.0, 270.0], settings, judge.resolution, white, "auto").cpu()
     groups = spec.caption.groups
-    out: dict[str, Any] = {"object_color": None, "color_present": None, "shape": None, "placement": None, "swapped": None}
+    out: dict[str, Any] = {"object_color": None, "color_present": None, "shape": None, "count": None, "placement": None, "swapped": None}
     if len(groups) == 1:
         verdicts = [judge.judge_single(v) for v in views]
         color = _majority([v.color for v in verdicts])
         out["color"] = color
         out["object_color"] = out["color_present"] = float(color == groups[0].color)
+        out["count_seen"] = verdicts[0].count  # the front view, where the layout puts a group side by side
+        out["count"] = float(verdicts[0].count == groups[0].count)
         if groups[0].count == 1:
             shape = _majority([v.shape for v in verdicts])
             out["shape_seen"] = shape
@@ -207,7 +209,7 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
     from coherendream.eval.report import Report
 
     write_json(out / "results.json", rows)
-    keys = ["method", "prompt_id", "category", "seed", "prompt", *METRICS, "color", "shape_seen", "colors_present", "object_colors", "steps", "seconds", "output_dir"]
+    keys = ["method", "prompt_id", "category", "seed", "prompt", *METRICS, "color", "shape_seen", "count_seen", "colors_present", "object_colors", "steps", "seconds", "output_dir"]
     with atomic_open(out / "results.csv") as f:
         w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         w.writeheader()

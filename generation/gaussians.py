@@ -24,6 +24,7 @@ written as SH degree 0 (``f_dc = (rgb - 0.5) / C0``). SH models in float32 read 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -414,8 +415,11 @@ def read_ply_vertices(path: str | Path) -> dict[str, np.ndarray]:
         _, n, props = elements[0]
         order = "<" if fmt == "binary_little_endian" else ">"
         dtype = np.dtype([(name, order + code) for name, code in props])
-        raw = fh.read(n * dtype.itemsize)
-        if len(raw) != n * dtype.itemsize:
-            raise ValueError(f"{path}: truncated PLY ({len(raw)} of {n * dtype.itemsize} vertex bytes)")
+        # The header's count is checked against the file's size before anything is read: a header
+        # may claim any number of vertices, and reading that many bytes first would exhaust memory.
+        need, left = n * dtype.itemsize, os.fstat(fh.fileno()).st_size - fh.tell()
+        if n < 0 or need > left:
+            raise ValueError(f"{path}: truncated PLY (the header claims {n} vertices, {need} bytes; the file holds {max(left, 0)} after the header)")
+        raw = fh.read(need)
     data = np.frombuffer(raw, dtype=dtype)
     return {name: data[name].astype(data[name].dtype.newbyteorder("=")) for name, _ in props}

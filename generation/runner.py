@@ -218,7 +218,7 @@ class GenerationResult:
     ``finished``: ``step == config.steps`` (outputs written). ``resumed_from``: the checkpoint step
     this call started from (None: a fresh run). ``skipped_steps``: steps whose update was dropped
     for a non-finite loss/gradient (this call's and the resumed ones'). ``final_critic``:
-    ``{"margin", "prob_yes"}`` of the critic on the V evaluation views (None without a critic).
+    ``{"margin", "prob_yes", "azimuths", "elevation"}`` of the critic on its training orbit (None without a critic).
     ``paths``: output files by name.
     """
 
@@ -299,13 +299,16 @@ def render_views(model: GaussianModel, azimuths: list[float], settings: OutputSe
 
 
 @torch.no_grad()
-def score_model(model: GaussianModel, critic: Any, prompt: str, num_views: int, settings: OutputSettings, resolution: int, background: torch.Tensor, backend: str = "auto") -> dict[str, float]:
-    """The critic's ``margin`` and ``prob_yes`` of ``num_views`` evenly spaced views (azimuth 0 first)."""
-    views = render_views(model, ring_azimuths(num_views), settings, resolution, background, backend)
+def score_model(model: GaussianModel, critic: Any, prompt: str, resolution: int, background: torch.Tensor, backend: str = "auto") -> dict[str, Any]:
+    """The critic's ``margin`` and ``prob_yes`` of the model seen from the critic's own training
+    orbit (:func:`_critic_orbit`: the views it learned to judge), with that orbit."""
+    orbit = _critic_orbit(critic)
+    settings = OutputSettings(elevation=orbit.elevation, distance=orbit.distance, fov=orbit.fov_y)
+    views = render_views(model, list(orbit.azimuths), settings, resolution, background, backend)
     out = critic.score(views[None], [prompt])
     margin = float(out.margin.float().reshape(-1)[0])
     prob = float(out.prob_yes.float().reshape(-1)[0]) if hasattr(out, "prob_yes") else 1.0 / (1.0 + math.exp(-margin))
-    return {"margin": margin, "prob_yes": prob}
+    return {"margin": margin, "prob_yes": prob, "azimuths": list(orbit.azimuths), "elevation": orbit.elevation}
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -575,7 +578,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
         files, notes = write_outputs(model, config, out, background, config.backend)
         paths.update(files)
         if critic is not None:
-            final_critic = score_model(model, critic, config.prompt, config.num_views, config.outputs, config.resolution, background, config.backend)
+            final_critic = score_model(model, critic, config.prompt, config.resolution, background, config.backend)
         summary = {
             "prompt": config.prompt, "mode": config.mode, "steps": step, "skipped_steps": skipped,
             "prior": getattr(getattr(guidance, "config", None), "pretrained_model_name_or_path", None),

@@ -150,6 +150,15 @@ def test_ply_round_trip_is_exact(tmp_path, sh_degree):
     assert "object_id" not in read_ply_vertices(tmp_path / "plain.ply") and (plain.object_ids == 0).all()
 
 
+def test_a_ply_header_claiming_more_vertices_than_the_file_holds_is_refused_before_reading(tmp_path):
+    path = tmp_path / "g.ply"
+    _random_model(n=5, sh_degree=0).export_ply(path)
+    data = path.read_bytes().replace(b"element vertex 5\n", b"element vertex 99999999999\n")
+    (tmp_path / "huge.ply").write_bytes(data)
+    with pytest.raises(ValueError, match="claims 99999999999 vertices"):
+        read_ply_vertices(tmp_path / "huge.ply")  # a MemoryError if the claimed bytes were read first
+
+
 def test_rgb_model_exports_as_sh_dc(tmp_path):
     m = _random_model(n=10, sh_degree=None)
     m.export_ply(tmp_path / "rgb.ply")

@@ -30,9 +30,11 @@ def test_the_judge_reads_fresh_real_renders(judge):
         seed += 1
         if cap.relation and cap.groups[0].color != cap.groups[1].color:
             relations.append(cap)
-    acc = judge.accuracy_on_renders(singles, relations, seed=5)
+    groups = [SceneCaption((Group(s, c, n),)) for n in (1, 2, 3) for c, s in zip(list(PALETTE)[n::2], SHAPES)]
+    acc = judge.accuracy_on_renders(singles, relations, seed=5, counts=groups)
     assert acc["single_color"] >= 0.95 and acc["single_shape"] >= 0.85
     assert acc["relation_placement"] >= 0.85 and acc["relation_object_color"] >= 0.9
+    assert acc["count"] >= 0.9
 
 
 def test_two_objects_their_colours_order_and_swaps(judge):
@@ -59,5 +61,10 @@ def test_single_object_colour_shape_and_an_empty_image(judge):
     assert v.color == "green" and v.shape == "cube" and 0.3 < v.foreground < 0.5
     speckled = _blocks(("green", slice(6, 26), slice(6, 26)), ("pink", slice(1, 2), slice(30, 31)))
     assert judge.judge_single(speckled).shape == "cube"  # one stray pixel does not change the silhouette
+    assert judge.judge_single(speckled).count == 1  # nor does it count as an object
+    three = _blocks(*[("green", slice(12, 20), slice(2 + 10 * k, 9 + 10 * k)) for k in range(3)], ("green", slice(1, 2), slice(30, 31)))
+    assert judge.judge_single(three).count == 3
+    merged = _blocks(("green", slice(12, 20), slice(2, 20)), ("green", slice(12, 20), slice(22, 29)))
+    assert judge.judge_single(merged).count == 2
     empty = judge.judge_single(np.ones((32, 32, 3), dtype=np.float32))
-    assert empty.color is None and empty.shape is None and empty.foreground == 0.0
+    assert empty.color is None and empty.shape is None and empty.foreground == 0.0 and empty.count == 0
