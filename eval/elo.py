@@ -227,20 +227,12 @@ def _solve(
 
 
 def _components(ia: np.ndarray, ib: np.ndarray, n: int) -> np.ndarray:
-    """Connected-component label ``[n]`` of the (undirected) comparison graph, union-find."""
-    parent = list(range(n))
+    """Connected-component label ``[n]`` of the (undirected) comparison graph."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    def find(u: int) -> int:
-        while parent[u] != u:
-            parent[u] = parent[parent[u]]
-            u = parent[u]
-        return u
-
-    for a, b in zip(ia.tolist(), ib.tolist()):
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[ra] = rb
-    return np.array([find(u) for u in range(n)])
+    graph = coo_matrix((np.ones(len(ia)), (np.asarray(ia), np.asarray(ib))), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
 
 
 def fit_elo(

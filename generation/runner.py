@@ -518,7 +518,9 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     background = torch.tensor(config.cameras.background, dtype=torch.float32, device=device)
     critic_term = CriticTerm(critic, config.tcsd.critic) if config.mode == "tcsd" else None
     tc = config.tcsd.critic
-    critic_views_from_orbit = critic_term is not None and tc.views == "orbit"
+    # The steps where the critic judges the step's views (every step of reward-weighted SDS) are
+    # seen from the critic's own orbit when tcsd.critic.views is "orbit".
+    critic_views_from_orbit = tc.views == "orbit" and (critic_term is not None or config.mode == "reward_weighted")
     critic_orbit = _critic_orbit(critic) if critic_views_from_orbit else None
     stop = config.steps if config.max_steps_this_run is None else min(config.steps, start + config.max_steps_this_run)
     from tqdm.auto import tqdm
@@ -527,7 +529,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     with open(metrics_path, "a", encoding="utf-8") as log:
         for step in bar:
             t0 = time.perf_counter()
-            if critic_views_from_orbit and critic_term.active(step):
+            if critic_views_from_orbit and (critic_term is None or critic_term.active(step)):
                 cams = sample_jittered_orbit(critic_orbit, config.resolution, None, tc.azimuth_jitter, tc.elevation_jitter, generator, device)
             else:
                 cams = sampler.sample(generator, device=device)

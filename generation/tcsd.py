@@ -109,7 +109,8 @@ class CriticTermConfig:
             ``U[-elevation_jitter, elevation_jitter]`` degrees; the prior then distils from those
             views too, so one render serves both terms. ``"step"``: the step's random orbit
             cameras (the first view anywhere in the first quarter turn), where a critic trained
-            with the front view first cannot tell left from right.
+            with the front view first cannot tell left from right. Reward-weighted SDS, whose
+            critic judges every step, follows the same setting.
         augment_copies: The critic scores this many randomly augmented copies of the views in one
             batch and its loss is their mean (expectation over transformations), so that its
             gradient follows what survives small shifts and noise rather than one pixel pattern.
