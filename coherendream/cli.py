@@ -132,7 +132,10 @@ def critic_train(
         cfg = load_config(CriticTrainConfig, config, extra)
     except (ConfigError, ValueError) as err:
         _fail(str(err))
-    out = train_critic(cfg)
+    try:
+        out = train_critic(cfg)
+    except FileNotFoundError as err:  # a model or dataset that is not there; other errors keep their traceback
+        _fail(str(err))
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the folder, so only it says so
         typer.echo(f"critic written to {Path(out).resolve()}")
 
@@ -154,7 +157,10 @@ def critic_merge(
     base = base or _json.loads(cfg_file.read_text()).get("base_model_name_or_path")
     if not base:
         _fail(f"{cfg_file}: names no base model; pass --base")
-    out = merge_adapter(base, str(adapter), str(output))
+    try:
+        out = merge_adapter(base, str(adapter), str(output))
+    except FileNotFoundError as err:
+        _fail(str(err))
     typer.echo(f"merged model written to {Path(out).resolve()}")
 
 

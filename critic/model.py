@@ -205,6 +205,21 @@ def _target_size(image_processor: Any) -> tuple[int, int]:
     raise ValueError(f"cannot tell the image size of {type(image_processor).__name__}: no crop_size or size")
 
 
+def load_image_text_model(name_or_path: str | Path, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+    """``AutoModelForImageTextToText.from_pretrained`` from safetensors, with an error that names
+    the model when it cannot be found (transformers' own message names neither the model nor
+    whether it looked for a folder or a hub id)."""
+    from transformers import AutoModelForImageTextToText
+
+    name = str(name_or_path)
+    try:
+        return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        where = "" if Path(name).exists() else "no such folder here, and "
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(f"model {name!r}: {where}it could not be loaded ({reason})") from err
+
+
 class Critic:
     """A multimodal LLM scoring whether multiview renders match a caption.
 
@@ -256,7 +271,7 @@ class Critic:
         Weights load from safetensors only. The model is put in eval mode with its parameters
         frozen: the critic is a scorer (gradients flow to the views, not the weights).
         """
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoProcessor
 
         base = str(model_name_or_path)
         base_dir = Path(base)
@@ -278,9 +293,7 @@ class Critic:
                 raise ValueError(f"unknown dtype {dtype!r} (known: {sorted(_DTYPES)})")
             dtype = _DTYPES[dtype]
 
-        model = AutoModelForImageTextToText.from_pretrained(
-            base, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
+        model = load_image_text_model(base, dtype, trust_remote_code)
         # The processor saved next to an adapter wins: it is the one the adapter was trained with.
         adapter_dir = Path(adapter) if adapter is not None else None
         processor_source = base

@@ -140,11 +140,11 @@ def training_arguments(config: CriticTrainConfig):
 
 
 def load_model_and_processor(config: CriticTrainConfig):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(
-        config.model_name_or_path, dtype=_dtype(config.dtype), use_safetensors=True, trust_remote_code=config.trust_remote_code
-    )
+    from coherendream.critic.model import load_image_text_model
+
+    model = load_image_text_model(config.model_name_or_path, _dtype(config.dtype), config.trust_remote_code)
     processor = AutoProcessor.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
     if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
@@ -425,9 +425,11 @@ def train_critic(config: CriticTrainConfig) -> Path:
 def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and save a plain safetensors checkpoint + processor."""
     from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(base, dtype=_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code)
+    from coherendream.critic.model import load_image_text_model
+
+    model = load_image_text_model(base, _dtype(dtype), trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(output_dir)
     merged.save_pretrained(str(out), safe_serialization=True)

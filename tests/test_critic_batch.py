@@ -347,3 +347,17 @@ def test_score_to_files_split_over_shards_and_resumed_gives_the_single_run(criti
     # Chunks of another run (another model or input) are never mixed in.
     with pytest.raises(ValueError, match="another run"):
         score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "two", progress=False, metadata={"m": 2}, chunk_size=3)
+
+
+def test_a_critic_that_is_not_there_is_named_in_one_line(tmp_path, render_dir, monkeypatch):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    monkeypatch.chdir(tmp_path)  # "mycritic" is neither a folder here nor in the offline hub cache
+    for name in ("nobody/nonexistent", "mycritic"):
+        with pytest.raises(FileNotFoundError, match=f"model '{name}': no such folder here"):
+            Critic.from_pretrained(name, device="cpu")
+        res = CliRunner().invoke(app, ["critic", "score", "--model", name, "--input", str(render_dir), "-o", str(tmp_path / "out")])
+        assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
+        assert not (tmp_path / "out").exists()  # refused before anything is written
