@@ -177,7 +177,8 @@ def asset_from_trimesh(meshes: list, uid: str, caption: str = "", source: str = 
         if not np.all(np.isfinite(v)):
             raise AssetError("non_finite", f"{where}: vertices contain NaN or inf")
         if f.min() < 0 or f.max() >= len(v):
-            raise AssetError("index_out_of_range", f"{where}: face index {int(f.max())} outside {len(v)} vertices")
+            bad = int(f.min()) if f.min() < 0 else int(f.max())  # the offending index, negative or too large
+            raise AssetError("index_out_of_range", f"{where}: face index {bad} outside the {len(v)} vertices (valid: 0-{len(v) - 1})")
         with np.errstate(all="ignore"):
             parts.append(MeshPart.from_trimesh(m))
     for p in parts:

@@ -159,6 +159,21 @@ def asset_rows(manifest: str | Path, root: str | Path | None = None) -> Iterator
             yield {**base_item, "reason": "unreadable", "error": f"{rel}: {err}"}
 
 
+def check_manifest(manifest: str | Path) -> None:
+    """Refuse, before any work, a manifest with no rows or without the columns every row needs
+    (``id``, ``path``, ``prompt``; ``uid`` and ``caption`` are accepted as their names)."""
+    from coherendream.data.manifest import read_table
+
+    rows = [row for _, row in read_table(manifest) if "_error" not in row]
+    if not rows:
+        raise ValueError(f"manifest {manifest}: no rows (expected columns id, path, prompt)")
+    keys = set().union(*rows)
+    missing = [name for name, accepted in (("path", ("path",)), ("prompt", ("prompt", "caption"))) if not keys & set(accepted)]
+    if missing:
+        raise ValueError(f"manifest {manifest}: no {' or '.join(repr(m) for m in missing)} column; its columns are "
+                         f"{', '.join(sorted(keys))} (expected id, path, prompt)")  # fmt: skip
+
+
 def asset_items(rows: Iterable[dict], orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
     """Critic items ``{id, views, prompt, path}`` (or ``{id, error, reason}``) for :func:`asset_rows`' rows, rendered now."""
     from coherendream.data.assets import AssetError
@@ -209,6 +224,7 @@ def evaluate_assets(
     from coherendream.eval.report import Report, image_grid_png, write_results
     from coherendream.shards import map_in_chunks
 
+    check_manifest(manifest)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     orbit = critic.config.orbit()  # the critic's own views: objects at the size it learned them

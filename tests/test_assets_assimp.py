@@ -97,3 +97,12 @@ def test_sweep_of_the_whole_package(tmp_path):
     uid_of = {str(p.relative_to(ROOT)): f"m{i:04d}" for i, p in enumerate(files)}
     assert {uid_of[v] for v in VALID} <= built
     assert len(built) >= 50
+
+
+@pytest.mark.parametrize("index, shown", [(-5, "-5"), (7, "7")])
+def test_a_face_index_outside_the_vertices_is_named(tmp_path, index, shown):
+    header = "ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\nproperty float z\n"
+    header += "element face 1\nproperty list uchar int vertex_indices\nend_header\n"
+    (tmp_path / "bad.ply").write_text(header + f"0 0 0\n1 0 0\n0 1 0\n3 0 1 {index}\n")
+    with pytest.raises(AssetError, match=f"face index {shown} outside the 3 vertices"):
+        load_mesh(tmp_path / "bad.ply")

@@ -361,3 +361,10 @@ def test_a_critic_that_is_not_there_is_named_in_one_line(tmp_path, render_dir, m
         res = CliRunner().invoke(app, ["critic", "score", "--model", name, "--input", str(render_dir), "-o", str(tmp_path / "out")])
         assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
         assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_a_manifest_of_meshes_points_to_eval_assets(tmp_path):
+    (tmp_path / "box.glb").write_bytes(b"glTF")
+    (tmp_path / "m.csv").write_text("id,path,prompt\nbox,box.glb,a cube\n")
+    (item,) = list(items_from_manifest(tmp_path / "m.csv", num_views=4))
+    assert item["reason"] == "not_a_folder" and "eval assets" in item["error"]

@@ -184,3 +184,15 @@ def test_cli_protocol_commands(tmp_path, tiny):
     (tmp_path / "empty.txt").write_text("\n")
     res = runner.invoke(app, ["eval", "t3bench", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "t3e"), "--outputs-dir", str(tmp_path / "ours"), "--model", str(tiny)])
     assert res.exit_code == 2 and "empty.txt" in res.output
+
+
+@pytest.mark.parametrize("name, text, why", [
+    ("header.csv", "id,path,prompt\n", "no rows"),
+    ("other.csv", "id,file,text\na,box.glb,a cube\n", "no 'path' or 'prompt' column; its columns are file, id, text"),
+    ("other.jsonl", '{"id": "a", "path": "box.glb", "text": "a cube"}\n', "no 'prompt' column"),
+])  # fmt: skip
+def test_eval_assets_refuses_a_manifest_it_cannot_use_before_writing(tmp_path, name, text, why):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=why):
+        evaluate_assets(None, tmp_path / name, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
