@@ -44,6 +44,7 @@ from coherendream.generation.camera_sampler import OrbitCameraSampler, sample_ji
 from coherendream.generation.gaussians import GaussianModel
 from coherendream.generation.guidance import SDSConfig
 from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout, validate_layout
+from coherendream.generation.run_logger import REPORT_TO, RunLogger
 from coherendream.generation.tcsd import CriticTerm, StepGradients, TCSDConfig, reward_weighted_sds, tcsd_step
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 
@@ -170,7 +171,9 @@ class GenerateConfig:
     ``max_steps_this_run``: stop (with a checkpoint) after this many steps of this invocation;
     re-running continues. ``resume: false`` discards an existing checkpoint in ``output_dir``.
     ``device``: ``auto`` (cuda when available) | ``cpu`` | ``cuda``; ``backend``: rasteriser
-    (``auto`` = gsplat on CUDA, else the PyTorch one).
+    (``auto`` = gsplat on CUDA, else the PyTorch one). ``report_to``: ``none`` | ``tensorboard`` |
+    ``wandb``: per-step losses, critic P(yes), lambda and gradient norms, and the step's views
+    every ``log_images_every`` steps (:mod:`~coherendream.generation.run_logger`).
     """
 
     prompt: str = "a red cube to the left of a blue sphere"
@@ -194,6 +197,8 @@ class GenerateConfig:
     device: str = "auto"
     backend: Literal["auto", "torch", "gsplat"] = "auto"
     progress: bool = True
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
+    log_images_every: int = 50
     outputs: OutputSettings = field(default_factory=OutputSettings)
 
     def __post_init__(self) -> None:
@@ -206,6 +211,10 @@ class GenerateConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_steps_this_run is not None and self.max_steps_this_run < 0:
             raise ValueError(f"max_steps_this_run must be >= 0 or null, got {self.max_steps_this_run}")
+        if self.report_to not in REPORT_TO:
+            raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        if self.log_images_every < 0:
+            raise ValueError(f"log_images_every must be >= 0, got {self.log_images_every}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
 
@@ -526,6 +535,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     from tqdm.auto import tqdm
 
     bar = tqdm(range(start, stop), initial=start, total=config.steps, desc="generate", disable=not config.progress, dynamic_ncols=True)
+    run_log = RunLogger(config.report_to, out, to_dict(config), config.log_images_every)
     with open(metrics_path, "a", encoding="utf-8") as log:
         for step in bar:
             t0 = time.perf_counter()
@@ -562,11 +572,13 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
                       "seconds": time.perf_counter() - t0}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             log.flush()
+            run_log.log_step(step, record, rgb)
             bar.set_postfix({k: f"{v:.3g}" for k, v in (("loss", g.loss), ("sds", g.loss_sds), ("critic", g.loss_critic), ("lam", g.lam), ("P(yes)", g.prob_yes)) if v is not None})
             done = step + 1
             if done % config.checkpoint_every == 0 or done == stop:
                 save_checkpoint(ckpt_path, done, model, optimizer, generator, config, skipped)
     bar.close()
+    run_log.close()
     step = max(stop, start)
 
     # ---- 4. outputs (only once the run is complete)

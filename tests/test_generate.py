@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coherendream.config import load_config
+from coherendream.config import ConfigError, load_config
 from coherendream.critic.model import Critic
 from coherendream.critic.tiny import build_tiny_critic
 from coherendream.generation.gaussians import GaussianModel, read_ply_vertices
@@ -232,3 +232,18 @@ def test_every_generate_preset_loads(preset):
     assert cfg.prior is not None and cfg.mode == "tcsd"  # every preset distils a prior with the critic term
     if preset.stem.startswith("gpu"):
         assert cfg.device == "cuda" and cfg.prior.pretrained_model_name_or_path
+
+
+def test_a_run_reports_to_tensorboard_like_a_training_run(tmp_path, critic_dir, critic):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = generate(_config(tmp_path / "tb", critic_dir, "steps=4", "outputs.turntable_frames=0", "report_to=tensorboard", "log_images_every=2"), critic=critic)
+    events = EventAccumulator(str(tmp_path / "tb" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    prob = [e.value for e in events.Scalars("critic/prob_yes")]
+    logged = [r["prob_yes"] for r in read_jsonl(result.paths["metrics"])]
+    assert prob == pytest.approx(logged, rel=1e-6)
+    assert {"loss/total", "loss/sds", "critic/lambda", "grad_norm/sds", "sds/t"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Images("views")] == [0, 2]
+    with pytest.raises(ConfigError, match="report_to"):
+        _config(tmp_path / "x", critic_dir, "report_to=mlflow")
