@@ -394,7 +394,12 @@ def eval_t3bench(
     if not summary["merged"]:
         typer.echo("this shard's generations are done; other shards still generate, and the last to finish scores them all")
         return
-    _summary_line(summary, output)
+    keys = [k for k in ("alignment_critic", "alignment_vqa", "quality_proxy") if any(v["means"].get(k) is not None for v in summary["sets"].values())]
+    typer.echo(f"{'set':>16} {'scored':>9} " + " ".join(f"{k:>16}" for k in keys))
+    for name, v in summary["sets"].items():
+        means = " ".join(f"{v['means'][k]:>16.3f}" if v["means"].get(k) is not None else f"{'':>16}" for k in keys)
+        typer.echo(f"{name:>16} {v['scored']:>4} of {v['prompts']:<3} {means}")
+    typer.echo(f"results and reports in {Path(output).resolve()} (<set>/results.csv, <set>/report.html)")
 
 
 @eval_app.command("tifa")
@@ -451,6 +456,8 @@ def eval_judge(
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _summary_line(summary, output)
+    if summary.get("note"):
+        typer.echo(f"note: {summary['note']}")
 
 
 PriorOption = Annotated[Optional[str], typer.Option(help="prior: diffusers pipeline folder or hub id (default: the embedded prior)")]

@@ -51,6 +51,8 @@ from coherendream.io import write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
+#: Fewest games a method needs before its bootstrap Elo interval is reported.
+MIN_GAMES = 10
 SIDE_BY_SIDE_TEMPLATE = 'Which object, A (left) or B (right), better matches "{text}"? Answer A or B.'
 A_VARIANTS = ("A", " A")
 B_VARIANTS = ("B", " B")
@@ -285,13 +287,28 @@ def judge_methods(
     elo = fit_elo([(c["method_a"], c["method_b"], c["outcome"]) for c in comparisons], anchor=anchor,
                   n_bootstrap=n_bootstrap, seed=seed)
     rows = elo.to_rows()
+    # A bootstrap over a handful of games gives intervals of zero width (every resample holds the
+    # same few outcomes), which read as certainty: below MIN_GAMES they are withheld and said so.
+    few = {r["method"]: r["games"] for r in rows if r["games"] < MIN_GAMES and r["method"] != anchor}
+    note = None
+    if few:
+        note = (f"too few games for an Elo interval (at least {MIN_GAMES} per method): "
+                + ", ".join(f"{m} {n}" for m, n in few.items()) + "; judge more prompts")  # fmt: skip
+        for r in rows:
+            if r["method"] in few and "ci_low" in r:
+                r["ci_low"] = r["ci_high"] = None
+        logger.warning(note)
     # write_results also writes ratings.json (the bare table); it is then replaced by the full
     # EloResult dict, which holds that table plus the anchor, intervals and settings.
     _, csv_path = write_results(rows, out / "ratings")
-    write_json(out / "ratings.json", elo.to_dict())
+    ratings = elo.to_dict()
+    ratings["table"] = rows
+    if ratings["ci"] is not None:
+        ratings["ci"] = {m: (None if m in few else v) for m, v in ratings["ci"].items()}
+    write_json(out / "ratings.json", ratings)
     summary = {"mode": mode, "tie_margin": tie_margin, "anchor": anchor, "methods": list(methods), "prompts": len(prompts),
                "comparisons": len(comparisons), "ties": sum(c["outcome"] == "tie" for c in comparisons),
-               "errors": len(errors), "ratings": rows, "seconds": round(time.perf_counter() - t0, 3),
+               "errors": len(errors), "ratings": rows, "note": note, "seconds": round(time.perf_counter() - t0, 3),
                "files": {"comparisons": str(out / "comparisons.jsonl"), "ratings_json": str(out / "ratings.json"),
                          "ratings_csv": str(csv_path), "errors": str(out / "errors.jsonl"), "report": str(out / "report.html")}}
     write_json(out / "summary.json", summary)
@@ -300,6 +317,8 @@ def judge_methods(
     report.add_text(f"Mode {mode}; {len(comparisons)} comparisons over {len(prompts)} prompts; tie when the scores differ by "
                     f"less than {tie_margin}. Elo by maximum likelihood (scale 400), {anchor} anchored at 1000, "
                     f"{n_bootstrap} bootstrap resamples for the intervals.")
+    if note:
+        report.add_text(note)
     report.add_table(rows)
     for img, caption in images_for_report:
         report.add_image(image_grid_png([img], cols=1), caption=caption)

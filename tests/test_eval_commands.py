@@ -169,6 +169,7 @@ def test_cli_protocol_commands(tmp_path, tiny):
                               "--model", str(tiny), "--resolution", "32"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "t3" / "prompts" / "results.json").is_file()
+    assert "alignment_critic" in res.output and "2 of 2" in res.output  # the per-set table ends the run
     res = runner.invoke(app, ["eval", "tifa", str(tmp_path / "prompts.txt"), "--outputs-dir", str(tmp_path / "ours"), "-o", str(tmp_path / "tifa"),
                               "--model", str(tiny), "--resolution", "32"])
     assert res.exit_code == 0, res.output
@@ -176,6 +177,7 @@ def test_cli_protocol_commands(tmp_path, tiny):
     res = runner.invoke(app, ["eval", "judge", str(tmp_path / "prompts.txt"), "--method", f"ours={tmp_path / 'ours'}", "--method", f"baseline={tmp_path / 'baseline'}",
                               "-o", str(tmp_path / "judge"), "--model", str(tiny), "--resolution", "32"])
     assert res.exit_code == 0, res.output
+    assert "too few games" in res.output  # two prompts: no Elo interval, and the user is told why
     ratings = json.loads((tmp_path / "judge" / "ratings.json").read_text())
     # both methods rendered the same assets: every comparison is a tie, so both sit at the anchor's 1000
     assert ratings["anchor"] == "ours" and ratings["ratings"] == {"ours": 1000.0, "baseline": 1000.0}

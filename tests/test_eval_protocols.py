@@ -399,7 +399,7 @@ def _methods(tmp_path, prompts):
 
 
 def test_judge_single_pass_elo(tmp_path):
-    prompts = ["a red cube", "a blue sphere", "a green cone"]
+    prompts = ["a red cube", "a blue sphere", "a green cone", "a pink torus", "a black cylinder"]
     methods = _methods(tmp_path, prompts)
     brightness = StubScorer(lambda views, q: float(np.mean([np.asarray(v) for v in views])) / 255.0)
     summary = judge_mod.judge_methods(methods, prompts, tmp_path / "out", brightness, tie_margin=0.02,
@@ -407,10 +407,14 @@ def test_judge_single_pass_elo(tmp_path):
     ratings = {r["method"]: r for r in summary["ratings"]}
     assert ratings["bad"]["elo"] == 1000.0 and ratings["good"]["elo"] > 1100 and ratings["twin"]["elo"] > 1100
     assert ratings["good"]["elo"] == pytest.approx(ratings["twin"]["elo"], abs=1e-3)
-    assert ratings["good"]["ties"] == 3 and ratings["good"]["wins"] == 3 and ratings["bad"]["losses"] == 6
-    assert ratings["good"]["ci_low"] <= ratings["good"]["elo"] <= ratings["good"]["ci_high"]
+    assert ratings["good"]["ties"] == 5 and ratings["good"]["wins"] == 5 and ratings["bad"]["losses"] == 10
+    assert ratings["good"]["ci_low"] <= ratings["good"]["elo"] <= ratings["good"]["ci_high"] and summary["note"] is None
     comps = [json.loads(x) for x in (tmp_path / "out/comparisons.jsonl").read_text().splitlines()]
-    assert len(comps) == 9 and summary["ties"] == 3
+    assert len(comps) == 15 and summary["ties"] == 5
+    # Three prompts give each method 6 games: no interval, and the summary says why.
+    few = judge_mod.judge_methods(_methods(tmp_path / "few", prompts[:3]), prompts[:3], tmp_path / "few_out", brightness,
+                                  anchor="bad", n_bootstrap=50, seed=1)  # fmt: skip
+    assert "too few games" in few["note"] and all(r.get("ci_low") is None for r in few["ratings"] if r["method"] != "bad")
     assert {c["outcome"] for c in comps if {c["method_a"], c["method_b"]} == {"good", "twin"}} == {"tie"}
     assert all(c["outcome"] == "b" for c in comps if (c["method_a"], c["method_b"]) == ("bad", "good"))
     saved = json.loads((tmp_path / "out/ratings.json").read_text())
@@ -419,7 +423,7 @@ def test_judge_single_pass_elo(tmp_path):
     assert "<img" in (tmp_path / "out/report.html").read_text()
     # a larger tie margin turns the good-vs-bad difference (about 0.7) into ties as well
     wide = judge_mod.judge_methods(methods, prompts, tmp_path / "wide", brightness, tie_margin=0.9, n_bootstrap=0)
-    assert wide["ties"] == 9 and all(abs(r["elo"] - 1000.0) < 1e-3 for r in wide["ratings"])
+    assert wide["ties"] == 15 and all(abs(r["elo"] - 1000.0) < 1e-3 for r in wide["ratings"])
 
 
 def test_judge_missing_renders_are_errors(tmp_path):
