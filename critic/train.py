@@ -130,9 +130,16 @@ def training_arguments(config: CriticTrainConfig):
     ds = args.get("deepspeed")
     if isinstance(ds, str) and not ds.endswith(".json"):
         args["deepspeed"] = deepspeed_config_path(ds)
+    # Precision and device follow the machine unless the config says otherwise: bf16 (and TF32
+    # matmuls) on a CUDA GPU that has bf16, float32 on the CPU.
     dtype = _dtype(config.dtype)
+    cuda = torch.cuda.is_available()
     args.setdefault("bf16", dtype == torch.bfloat16)
     args.setdefault("fp16", dtype == torch.float16)
+    if cuda and torch.cuda.is_bf16_supported():
+        args.setdefault("tf32", True)
+    if not cuda:
+        args.setdefault("use_cpu", True)
     if config.mode == "dpo":
         args.pop("max_length", None)
         return DPOConfig(**args)

@@ -430,3 +430,18 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, tiny, dataset):
         a = Critic.from_pretrained(tmp_path / "one").score(views, captions).margin
         b = Critic.from_pretrained(tmp_path / "two").score(views, captions).margin
     torch.testing.assert_close(b, a, atol=2e-3, rtol=2e-2)
+
+
+def test_shipped_configs_follow_the_machine_and_the_cpu_one_trains(tmp_path, tiny, dataset):
+    from coherendream.config import load_config
+    from coherendream.critic.train import training_arguments
+
+    repo = Path(__file__).resolve().parents[1] / "configs" / "critic"
+    gpu = training_arguments(load_config(CriticTrainConfig, repo / "llava15_lora.yaml", [f"output_dir={tmp_path / 'g'}"]))
+    assert gpu.per_device_train_batch_size == 16  # the LLaVA-1.5 recipe as written...
+    if not torch.cuda.is_available():  # ...in float32 on a CPU with no override
+        assert not gpu.bf16 and not gpu.fp16 and gpu.use_cpu
+    cfg = load_config(CriticTrainConfig, repo / "cpu_lora.yaml", [f"model_name_or_path={tiny}", f"dataset={dataset}",
+                                                                 f"output_dir={tmp_path / 'c'}", "training.max_steps=12"])  # fmt: skip
+    out = train_critic(cfg)
+    assert len(losses(out)) >= 2 and (out / "adapter_model.safetensors").is_file()
