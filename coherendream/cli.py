@@ -592,6 +592,11 @@ def demo(
 
 
 def main() -> None:
+    # DeepSpeed, imported by transformers and accelerate where it is installed, warns on every
+    # command of a machine without a GPU that it fell back to the CPU; on such a machine say so
+    # up front (no NVIDIA device node: a cheap check that needs no torch import).
+    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
+        os.environ["DS_ACCELERATOR"] = "cpu"
     app()
 
 

@@ -220,6 +220,18 @@ def load_image_text_model(name_or_path: str | Path, dtype: torch.dtype | None = 
         raise FileNotFoundError(f"model {name!r}: {where}it could not be loaded ({reason})") from err
 
 
+def load_processor(name_or_path: str | Path, trust_remote_code: bool = False):
+    """``AutoProcessor.from_pretrained``, with the PIL image backend where torchvision is not
+    installed: the processor transformers would fall back to anyway, without its warning on
+    every load."""
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    backend = {} if importlib.util.find_spec("torchvision") else {"backend": "pil"}
+    return AutoProcessor.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code, **backend)
+
+
 class Critic:
     """A multimodal LLM scoring whether multiview renders match a caption.
 
@@ -271,8 +283,6 @@ class Critic:
         Weights load from safetensors only. The model is put in eval mode with its parameters
         frozen: the critic is a scorer (gradients flow to the views, not the weights).
         """
-        from transformers import AutoProcessor
-
         base = str(model_name_or_path)
         base_dir = Path(base)
         # A hub id is "name" or "namespace/name"; anything else is a local path and must exist
@@ -299,7 +309,7 @@ class Critic:
         processor_source = base
         if adapter_dir is not None and (adapter_dir / "processor_config.json").is_file():
             processor_source = str(adapter_dir)
-        processor = AutoProcessor.from_pretrained(processor_source, trust_remote_code=trust_remote_code)
+        processor = load_processor(processor_source, trust_remote_code)
         if adapter is not None:
             from peft import PeftModel
 

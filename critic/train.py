@@ -147,12 +147,10 @@ def training_arguments(config: CriticTrainConfig):
 
 
 def load_model_and_processor(config: CriticTrainConfig):
-    from transformers import AutoProcessor
-
-    from coherendream.critic.model import load_image_text_model
+    from coherendream.critic.model import load_image_text_model, load_processor
 
     model = load_image_text_model(config.model_name_or_path, _dtype(config.dtype), config.trust_remote_code)
-    processor = AutoProcessor.from_pretrained(config.model_name_or_path, trust_remote_code=config.trust_remote_code)
+    processor = load_processor(config.model_name_or_path, config.trust_remote_code)
     if getattr(processor, "tokenizer", None) is not None and processor.tokenizer.pad_token is None:
         processor.tokenizer.pad_token = processor.tokenizer.eos_token
     if config.freeze_vision_tower and not config.use_lora:
@@ -432,9 +430,8 @@ def train_critic(config: CriticTrainConfig) -> Path:
 def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto", trust_remote_code: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and save a plain safetensors checkpoint + processor."""
     from peft import PeftModel
-    from transformers import AutoProcessor
 
-    from coherendream.critic.model import load_image_text_model
+    from coherendream.critic.model import load_image_text_model, load_processor
 
     model = load_image_text_model(base, _dtype(dtype), trust_remote_code)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
@@ -442,7 +439,7 @@ def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto",
     merged.save_pretrained(str(out), safe_serialization=True)
     # the processor saved with the adapter (same tokenizer and chat template) wins over the base's
     source = adapter if (Path(adapter) / "preprocessor_config.json").exists() or (Path(adapter) / "processor_config.json").exists() else base
-    AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code).save_pretrained(str(out))
+    load_processor(source, trust_remote_code).save_pretrained(str(out))
     from coherendream.critic.model import CriticConfig
 
     critic_config = CriticConfig.load(adapter)
