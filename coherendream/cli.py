@@ -36,6 +36,22 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+# What a user can do about the commonest reasons an item is rejected.
+_REMEDIES = {
+    "outside_root": "paths outside the manifest's folder: pass --root with a folder that holds them",
+    "missing_file": "files not found: paths are relative to the manifest's folder (or --root)",
+    "not_a_folder": "3D files where folders of views were expected: `coherendream eval assets` renders and scores 3D files",
+    "empty_prompt": "rows without a prompt: the manifest needs a prompt (or caption) column",
+}
+
+
+def _echo_rejects(errors_by_reason: dict[str, int], total: int) -> None:
+    """One line per reason items were rejected, with the remedy where there is one."""
+    for reason, count in errors_by_reason.items():
+        remedy = _REMEDIES.get(reason)
+        typer.echo(f"  {count} of {total} rejected: {reason}" + (f" ({remedy})" if remedy else ""))
+
+
 @data_app.command("build")
 def data_build(
     overrides: Overrides = None,
@@ -206,6 +222,7 @@ def critic_score(
         typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
         return
     typer.echo(f"scored {summary['scored']} of {summary['items']} items ({summary['errors']} errors, see errors.jsonl) -> {Path(output).resolve()}")
+    _echo_rejects(summary["errors_by_reason"], summary["items"])
     if summary["scored"] == 0:
         _fail(f"no item of {input} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
 
@@ -346,6 +363,7 @@ def eval_assets(
         typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
         return
     typer.echo(f"scored {summary['scored']} of {summary['assets']} assets ({summary['errors']} errors, see errors.jsonl); report: {Path(output).resolve() / 'report.html'}")
+    _echo_rejects(summary["errors_by_reason"], summary["assets"])
     if summary["scored"] == 0:
         _fail(f"no asset of {manifest} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
 

@@ -224,6 +224,8 @@ def evaluate_assets(
     from coherendream.eval.report import Report, image_grid_png, write_results
     from coherendream.shards import map_in_chunks
 
+    if not resolution >= 1:
+        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
     check_manifest(manifest)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -368,3 +368,17 @@ def test_a_manifest_of_meshes_points_to_eval_assets(tmp_path):
     (tmp_path / "m.csv").write_text("id,path,prompt\nbox,box.glb,a cube\n")
     (item,) = list(items_from_manifest(tmp_path / "m.csv", num_views=4))
     assert item["reason"] == "not_a_folder" and "eval assets" in item["error"]
+
+
+def test_critic_score_ends_with_the_reasons_for_rejects_and_their_remedy(tmp_path, critic):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    write_views(tmp_path / "m" / "a", 4, seed=0)
+    write_views(tmp_path / "outside", 4, seed=1)
+    (tmp_path / "m" / "list.csv").write_text("id,path,prompt\na,a,a red cube\nb,../outside,a blue cone\n")
+    critic_dir = critic.save_pretrained(tmp_path / "critic")
+    res = CliRunner().invoke(app, ["critic", "score", "--model", str(critic_dir), "--input", str(tmp_path / "m" / "list.csv"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    assert "scored 1 of 2" in res.output and "1 of 2 rejected: outside_root" in res.output and "pass --root" in res.output
