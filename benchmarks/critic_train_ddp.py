@@ -2,9 +2,9 @@
 
     python benchmarks/critic_train_ddp.py [--steps 300] [--global-batch 24] [--scenes 600]
 
-Trains the embedded critic's shapes (a fresh random tiny LLaVA, `critic build-tiny` with the flags of
-`benchmarks/train_embedded_critic.sh`) with `configs/critic/embedded_stage2.yaml` on a small
-procedural build of the stage 2 mix, presence rows included, for the same number of steps and the
+Trains the embedded critic's shapes (a fresh random tiny LLaVA with the `tiny` settings of
+`recipes/embedded_critic/train.yaml`) with that recipe's stage 2 config on a small procedural build
+of its stage 2 mix, presence rows included, for the same number of steps and the
 same global batch in three ways: the baseline, one process with 2 torch threads; one process with 1
 thread; and `torchrun --standalone --nproc_per_node 2` with 1 thread each and half the batch per
 process. Throughput is steps/s from the trainer's own `train_runtime` (the training loop only, not
@@ -14,6 +14,7 @@ process start-up or loading), each way run in the same session on the same data.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -21,6 +22,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from coherendream.config import dump_yaml, read_yaml
+from coherendream.critic.tiny import build_tiny_critic
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-m", "coherendream.cli"]
@@ -32,6 +36,14 @@ def run(cmd: list[str], threads: int) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+
+
+def _embedded_critic_recipe():
+    """recipes/embedded_critic/train.py as a module (its data and stage configs)."""
+    spec = importlib.util.spec_from_file_location("embedded_critic_recipe", ROOT / "recipes" / "embedded_critic" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_runtime(output: Path) -> float:
@@ -49,12 +61,12 @@ def main() -> None:
         raise SystemExit(f"--global-batch must be even (split over 2 processes), got {args.global_batch}")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        run([*CLI, "data", "build", "-c", "configs/data/embedded_stage2.yaml", "-o", str(tmp / "data"),
-             f"source.num_scenes={args.scenes}", "--num-workers", "2"], threads=1)
-        run([*CLI, "critic", "build-tiny", str(tmp / "tiny"), "--image-size", "64", "--patch-size", "8", "--text-hidden", "96",
-             "--text-layers", "3", "--vision-hidden", "192", "--vision-layers", "1", "--vision-feature-layer", "-2",
-             "--initializer-range", "0.1"], threads=1)
-        common = ["-c", "configs/critic/embedded_stage2.yaml", f"model_name_or_path={tmp / 'tiny'}", f"dataset={tmp / 'data'}",
+        recipe = _embedded_critic_recipe()
+        (tmp / "data.yaml").write_text(dump_yaml(recipe.data_configs(tmp)["stage2"]))
+        (tmp / "stage2.yaml").write_text(dump_yaml(recipe.stage_configs(tmp)["s2"]))
+        run([*CLI, "data", "build", "-c", str(tmp / "data.yaml"), "-o", str(tmp / "data"), f"source.num_scenes={args.scenes}", "--num-workers", "2"], threads=1)
+        build_tiny_critic(tmp / "tiny", **read_yaml(ROOT / "recipes" / "embedded_critic" / "train.yaml")["tiny"])
+        common = ["-c", str(tmp / "stage2.yaml"), f"model_name_or_path={tmp / 'tiny'}", f"dataset={tmp / 'data'}",
                   f"training.max_steps={args.steps}", "training.logging_steps=50"]
         ways = [  # name, launcher, processes, threads per process
             ("1 process x 2 threads (baseline)", CLI, 1, 2),
