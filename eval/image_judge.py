@@ -14,8 +14,8 @@ scenes (``MeshRenderer``, the renderer of the training data):
   an object's colour with the background (a red edge on white reads as pink): pixels nearer to
   such a mix (each reference blended 30% and 60% with the image's background) than to any
   reference are edge pixels and are not counted.
-- **Count** (one group of objects, seen from the front): the separate parts of the foreground
-  at least a fifth of the largest part's size.
+- **Count** (one group of up to :data:`COUNT_MAX` objects, seen from the front): the separate
+  parts of the foreground at least a fifth of the largest part's size.
 - **Shape**: the largest connected part of the foreground (sampling speckle dropped), cropped to
   its bounding box, padded to a square (the aspect ratio is part of the shape) and resized to
   16 x 16, is matched to the nearest silhouette (L2) among real renders of every shape from
@@ -43,7 +43,7 @@ import numpy as np
 from coherendream.cameras import Camera
 from coherendream.data.procedural import PALETTE, SHAPES, Group, SceneCaption, scene_for_caption
 
-__all__ = ["ImageJudge", "SingleVerdict", "RelationVerdict", "to_float_rgb"]
+__all__ = ["COUNT_MAX", "ImageJudge", "SingleVerdict", "RelationVerdict", "to_float_rgb"]
 
 # Image-space axis and sign of each relation whose subject/object order is visible from the front:
 # (axis, sign) with axis 0 = x (image right), 1 = y (image down); subject centroid * sign < object's.
@@ -53,6 +53,9 @@ _SILHOUETTE = 16
 #: part's size (sampling speckle does not). On real renders of one to three objects, 0.1 to 0.3 all
 #: count every scene right (60 scenes, front view, 32 px).
 COUNT_MIN_PART = 0.2
+#: The largest count the judge tells apart: four objects of a group touch or hide one another in
+#: 32 px views from any elevation (0.3-0.5 right on real renders, against 0.95-1.0 up to three).
+COUNT_MAX = 3
 
 
 def to_float_rgb(image) -> np.ndarray:

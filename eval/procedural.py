@@ -7,7 +7,8 @@ calibrated on real renders of the same scenes (so no method is scored by a model
 against); the critic's P(yes) is recorded beside it.
 
 - **single / count**: the object's colour (majority over the four views), the number of objects
-  (separate parts of the front view) and, for single objects, its shape;
+  (separate parts of the front view; groups of up to three, as many as the judge tells apart on
+  real renders) and, for single objects, its shape;
 - **relation / two_groups** (front view): each object's colour, strictly: the foreground is cut
   along the relation's axis where the groups' counts put the boundary and each group's colour
   must be the majority of its own part (left of, right of, on top of, next to; not decidable
@@ -116,6 +117,7 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
     """Ground-truth verdicts of a ``GaussianModel`` for ``spec`` from its renders (see the module docstring)."""
     import torch
 
+    from coherendream.eval.image_judge import COUNT_MAX
     from coherendream.generation.runner import OutputSettings, render_views
 
     settings = OutputSettings(elevation=elevation, distance=distance, fov=fov)
@@ -129,7 +131,8 @@ def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float 
         out["color"] = color
         out["object_color"] = out["color_present"] = float(color == groups[0].color)
         out["count_seen"] = verdicts[0].count  # the front view, where the layout puts a group side by side
-        out["count"] = float(verdicts[0].count == groups[0].count)
+        if groups[0].count <= COUNT_MAX:  # more objects than the judge can tell apart: not judged
+            out["count"] = float(verdicts[0].count == groups[0].count)
         if groups[0].count == 1:
             shape = _majority([v.shape for v in verdicts])
             out["shape_seen"] = shape

@@ -382,3 +382,19 @@ def test_critic_score_ends_with_the_reasons_for_rejects_and_their_remedy(tmp_pat
     res = CliRunner().invoke(app, ["critic", "score", "--model", str(critic_dir), "--input", str(tmp_path / "m" / "list.csv"), "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "scored 1 of 2" in res.output and "1 of 2 rejected: outside_root" in res.output and "pass --root" in res.output
+
+
+def test_two_critic_score_processes_give_the_results_of_one(critic, render_dir, tmp_path):
+    import subprocess
+    import sys
+
+    critic_dir = critic.save_pretrained(tmp_path / "critic")
+    args = [sys.executable, "-m", "coherendream.cli", "critic", "score", "--model", str(critic_dir), "--input", str(render_dir), "--chunk-size", "2"]
+    subprocess.run([*args, "-o", str(tmp_path / "one")], check=True, capture_output=True)
+    procs = [subprocess.Popen([*args, "-o", str(tmp_path / "two"), "--num-shards", "2", "--shard-index", str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip
+    outputs = [p.communicate()[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    one, two = _scores(tmp_path / "one"), _scores(tmp_path / "two")
+    assert two[1] == one[1] and [r["id"] for r in two[0]] == [r["id"] for r in one[0]]
+    assert [r["prob_yes"] for r in two[0]] == pytest.approx([r["prob_yes"] for r in one[0]], abs=1e-6)
