@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Iterable, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["shard_from_env", "resolve_shard", "shard_items", "JobMarkers", "ChunkedRun", "map_in_chunks"]
+__all__ = ["shard_from_env", "resolve_shard", "shard_items", "JobMarkers", "JobsRun", "run_jobs", "ChunkedRun", "map_in_chunks"]
 
 T = TypeVar("T")
 
@@ -84,13 +85,59 @@ class JobMarkers:
         return all(self.done(j) for j in job_ids)
 
 
+@dataclass
+class JobsRun:
+    """What :func:`run_jobs` did: ``records`` (every job's record by id, in job order, or None while
+    other shards still have jobs to do), ``mine`` (jobs of this process), ``done`` / ``skipped``
+    (of those, run now / found finished)."""
+
+    records: dict[str, dict] | None
+    mine: int
+    done: int
+    skipped: int
+
+    @property
+    def merged(self) -> bool:
+        return self.records is not None
+
+
+def run_jobs(
+    jobs: Sequence[T],
+    job_id: Callable[[T], str],
+    fn: Callable[[T], dict],
+    folder: str | Path,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
+) -> JobsRun:
+    """Run this process's share of ``jobs`` (:func:`shard_items`), each once: ``fn(job)`` returns
+    its JSON-ready record, written as the job's marker under ``folder``; a job whose marker is
+    there is skipped. Once every job's marker is there, all records come back."""
+    num_shards, shard_index = resolve_shard(num_shards, shard_index)
+    markers = JobMarkers(folder)
+    mine = shard_items(jobs, num_shards, shard_index)
+    done = skipped = 0
+    for job in mine:
+        if markers.done(job_id(job)):
+            skipped += 1
+            continue
+        markers.write(job_id(job), fn(job))
+        done += 1
+    ids = [job_id(job) for job in jobs]
+    records = {i: markers.read(i) for i in ids} if markers.all_done(ids) else None
+    return JobsRun(records, len(mine), done, skipped)
+
+
+@dataclass
 class ChunkedRun:
     """What :func:`map_in_chunks` did: ``rows`` (every chunk's rows in input order, or None while
     other shards still have chunks to do), ``chunks``, ``done`` / ``skipped`` (chunks of this
     process), ``seconds`` (the time every chunk took, summed over all processes)."""
 
-    def __init__(self, rows: list[dict] | None, chunks: int, done: int, skipped: int, seconds: float) -> None:
-        self.rows, self.chunks, self.done, self.skipped, self.seconds = rows, chunks, done, skipped, seconds
+    rows: list[dict] | None
+    chunks: int
+    done: int
+    skipped: int
+    seconds: float
 
     @property
     def merged(self) -> bool:

@@ -44,7 +44,7 @@ import numpy as np
 
 from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_prompt_set
 from coherendream.io import atomic_open, write_json
-from coherendream.shards import JobMarkers, resolve_shard, shard_items
+from coherendream.shards import resolve_shard, run_jobs
 
 __all__ = ["DEFAULT_METHODS", "ProceduralEvalConfig", "run_procedural_eval", "judge_generation", "summarise", "add_side_by_side"]
 
@@ -292,30 +292,27 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
         for m, s, seed in jobs
     }  # fmt: skip
     out = Path(config.output_dir)
-    markers = JobMarkers(out / "jobs")
-    mine = shard_items(jobs, num_shards, shard_index)
-    judge = ImageJudge(resolution=config.judge_resolution)
+    judge = None  # calibrated on real renders (seconds), only in a process that has a job to run
     parts: dict[str, Any] = {}  # loaded critics and priors, shared by this process's jobs
-    done, skipped = 0, 0
-    for method, spec, seed in mine:
-        job = _job_id(method, spec, seed)
-        if markers.done(job):
-            skipped += 1
-            continue
-        cfg = configs[job]
+
+    def run_one(job: tuple[str, PromptSpec, int]) -> dict[str, Any]:
+        nonlocal judge
+        method, spec, seed = job
+        judge = judge or ImageJudge(resolution=config.judge_resolution)
+        cfg = configs[_job_id(method, spec, seed)]
         t0 = time.perf_counter()
         result = generate_fn(cfg, **_parts_for(cfg, parts))
         verdict = judge_generation(result.model, spec, judge, cfg.outputs.elevation, cfg.outputs.distance, cfg.outputs.fov)
-        markers.write(job, {
+        return {
             "method": method, "prompt_id": spec.id, "category": spec.category, "seed": seed, "prompt": spec.prompt,
             **verdict, "critic_prob_yes": (result.final_critic or {}).get("prob_yes"), "steps": cfg.steps,
             "seconds": round(time.perf_counter() - t0, 2), "output_dir": str(cfg.output_dir),
-        })  # fmt: skip
-        done += 1
-    status: dict[str, Any] = {"jobs": len(jobs), "this_shard": len(mine), "done": done, "skipped": skipped, "merged": False}
-    ids = [_job_id(m, s, seed) for m, s, seed in jobs]
-    if markers.all_done(ids):
-        rows = [markers.read(j) for j in ids]
+        }  # fmt: skip
+
+    run = run_jobs(jobs, lambda job: _job_id(*job), run_one, out / "jobs", num_shards, shard_index)
+    status: dict[str, Any] = {"jobs": len(jobs), "this_shard": run.mine, "done": run.done, "skipped": run.skipped, "merged": False}
+    if run.merged:
+        rows = list(run.records.values())
         summary = summarise(rows, config.bootstrap)
         _write_results(out, rows, summary, specs, config)
         status.update(merged=True, summary=summary, rows=rows)

@@ -435,23 +435,22 @@ def _generate_shard(sets: list[tuple[Path, list[str]]], out: Path, generate_conf
                     num_shards: int | None, shard_index: int | None) -> dict[tuple[str, str], dict] | None:
     """This process's share of the generations (``coherendream.shards``); every prompt's record
     (``{"ply"}`` or ``{"reason", "error"}``) once all are done, else None."""
-    from coherendream.shards import JobMarkers, resolve_shard, shard_items
+    from coherendream.shards import run_jobs
 
-    num_shards, shard_index = resolve_shard(num_shards, shard_index)
     jobs = [(f.stem, prompt, slug) for f, prompts in sets for prompt, slug in zip(prompts, prompt_slugs(prompts))]
-    job_id = lambda set_name, slug: f"{slugify(set_name)}__{slug}"  # noqa: E731
-    markers = JobMarkers(out / "generation_jobs")
-    for set_name, prompt, slug in shard_items(jobs, num_shards, shard_index):
-        if markers.done(job_id(set_name, slug)):
-            continue
+
+    def job_id(job: tuple[str, str, str]) -> str:
+        return f"{slugify(job[0])}__{job[2]}"
+
+    def generate_one(job: tuple[str, str, str]) -> dict:
+        set_name, prompt, slug = job
         try:
-            record = {"ply": str(_generate(prompt, slug, out / set_name, generate_config, generate_fn))}
+            return {"ply": str(_generate(prompt, slug, out / set_name, generate_config, generate_fn))}
         except EvalItemError as err:
-            record = {"reason": err.reason, "error": str(err)}
-        markers.write(job_id(set_name, slug), record)
-    if not markers.all_done([job_id(n, slug) for n, _, slug in jobs]):
-        return None
-    return {(n, slug): markers.read(job_id(n, slug)) for n, _, slug in jobs}
+            return {"reason": err.reason, "error": str(err)}
+
+    run = run_jobs(jobs, job_id, generate_one, out / "generation_jobs", num_shards, shard_index)
+    return None if run.records is None else {(job[0], job[2]): run.records[job_id(job)] for job in jobs}
 
 
 def run_t3bench(
