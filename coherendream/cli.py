@@ -45,11 +45,20 @@ _REMEDIES = {
 }
 
 
-def _echo_rejects(errors_by_reason: dict[str, int], total: int) -> None:
-    """One line per reason items were rejected, with the remedy where there is one."""
-    for reason, count in errors_by_reason.items():
+def _end_scoring(summary: dict, kind: str, source: Path, output: Path, where: str) -> None:
+    """How a sharded scoring command ends: a shard's progress, or the merged counts, one line per
+    reason items were rejected (with the remedy where there is one), and a non-zero exit when
+    nothing could be scored."""
+    if not summary["merged"]:
+        typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
+        return
+    total = summary[kind]
+    typer.echo(f"scored {summary['scored']} of {total} {kind} ({summary['errors']} errors, see errors.jsonl){where}")
+    for reason, count in summary["errors_by_reason"].items():
         remedy = _REMEDIES.get(reason)
         typer.echo(f"  {count} of {total} rejected: {reason}" + (f" ({remedy})" if remedy else ""))
+    if summary["scored"] == 0:
+        _fail(f"no {kind[:-1]} of {source} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
 
 
 @data_app.command("build")
@@ -218,13 +227,7 @@ def critic_score(
                                  num_shards=num_shards, shard_index=shard_index, chunk_size=chunk_size)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    if not summary["merged"]:
-        typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
-        return
-    typer.echo(f"scored {summary['scored']} of {summary['items']} items ({summary['errors']} errors, see errors.jsonl) -> {Path(output).resolve()}")
-    _echo_rejects(summary["errors_by_reason"], summary["items"])
-    if summary["scored"] == 0:
-        _fail(f"no item of {input} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
+    _end_scoring(summary, "items", input, output, f" -> {Path(output).resolve()}")
 
 
 @critic_app.command("build-tiny")
@@ -359,13 +362,7 @@ def eval_assets(
                                   num_shards=num_shards, shard_index=shard_index)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    if not summary["merged"]:
-        typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
-        return
-    typer.echo(f"scored {summary['scored']} of {summary['assets']} assets ({summary['errors']} errors, see errors.jsonl); report: {Path(output).resolve() / 'report.html'}")
-    _echo_rejects(summary["errors_by_reason"], summary["assets"])
-    if summary["scored"] == 0:
-        _fail(f"no asset of {manifest} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
+    _end_scoring(summary, "assets", manifest, output, f"; report: {Path(output).resolve() / 'report.html'}")
 
 
 AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")]
