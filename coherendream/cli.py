@@ -135,6 +135,17 @@ def data_export_llava(
     typer.echo(f"wrote {path}")
 
 
+def _end_process_group() -> None:
+    """Under torchrun: wait until rank 0 has written the folder, then close the process group. A
+    process that exits with gloo's threads still running aborts ("terminate called without an
+    active exception"), which fails the whole torchrun job after the work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 @critic_app.command("train")
 def critic_train(
     overrides: Overrides = None,
@@ -161,6 +172,7 @@ def critic_train(
         out = train_critic(cfg)
     except FileNotFoundError as err:  # a model or dataset that is not there; other errors keep their traceback
         _fail(str(err))
+    _end_process_group()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the folder, so only it says so
         typer.echo(f"critic written to {Path(out).resolve()}")
 
