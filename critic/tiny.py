@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from coherendream.data.procedural import caption_words
+from coherendream.vocabulary import caption_words
 from coherendream.prompts import ANSWER_NO, ANSWER_YES, QUESTION_TEMPLATE
 
 PAD_TOKEN = "<pad>"

@@ -42,7 +42,8 @@ from coherendream.config import dump_yaml, to_dict
 from coherendream.data.assets import AssetError, load_mesh
 from coherendream.data.manifest import AssetRef, Rejection, evenly_spaced, list_view_images, read_manifest, scan_mesh_dir, scan_render_dir
 from coherendream.data.negatives import NEGATIVE_TYPES, Negative, NegativeConfig, procedural_negative, text_negative
-from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds, parse_caption, sample_scene
+from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds, sample_scene
+from coherendream.vocabulary import parse_caption
 from coherendream.shards import shard_items
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text

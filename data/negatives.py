@@ -23,7 +23,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from coherendream.data.procedural import RELATIONS, Scene, SceneCaption, caption_holds
+from coherendream.data.procedural import Scene, caption_holds
+from coherendream.vocabulary import RELATIONS, SceneCaption
 
 NEGATIVE_TYPES = ("caption_swap", "color", "object", "count", "relation", "relation_swap", "multiview_mix")
 

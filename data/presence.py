@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from coherendream.data.procedural import PALETTE, SHAPES
+from coherendream.vocabulary import PALETTE, SHAPES
 
 
 def presence_questions(

@@ -4,7 +4,9 @@ A scene is one or two *groups* of identical primitives ("two red cubes"), the se
 spatial relation to the first ("... to the left of a blue sphere"). Everything about it is known,
 so its caption is exact and so are its hard negatives: :func:`caption_holds` decides whether any
 caption of the same grammar is true of the scene from the objects' boxes, which is how negatives
-are checked to be false (see ``coherendream.data.negatives``).
+are checked to be false (see ``coherendream.data.negatives``). The grammar itself (palette, shapes,
+relations, :class:`~coherendream.vocabulary.SceneCaption`, ``parse_caption``) and what each
+relation means for two boxes live in ``coherendream.vocabulary``.
 
 Units and frame: see ``coherendream.cameras``. Objects stand on the plane y = 0 (stacked ones on
 the object below), rows of a group run along x; "in front of" means larger z (nearer the front
@@ -21,71 +23,9 @@ import numpy as np
 import trimesh
 
 from coherendream.data.assets import MeshAsset, MeshPart, normalise
+from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption, relation_holds
 
-# Named palette: linear-ish sRGB in [0, 1]; chosen far apart in hue so that a caption's colour word
-# is decidable from pixels. White is left out on purpose: the background is white.
-PALETTE: dict[str, tuple[float, float, float]] = {
-    "red": (0.86, 0.08, 0.08),
-    "green": (0.10, 0.62, 0.16),
-    "blue": (0.10, 0.24, 0.92),
-    "yellow": (0.96, 0.84, 0.08),
-    "orange": (0.98, 0.50, 0.04),
-    "purple": (0.52, 0.14, 0.74),
-    "pink": (0.98, 0.46, 0.72),
-    "cyan": (0.08, 0.80, 0.86),
-    "brown": (0.48, 0.28, 0.10),
-    "black": (0.07, 0.07, 0.07),
-}
-SHAPES: dict[str, str] = {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders", "cone": "cones", "torus": "tori"}
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
-# Relation of group 0 to group 1, with its caption phrase.
-RELATIONS: dict[str, str] = {
-    "left_of": "to the left of",
-    "right_of": "to the right of",
-    "on_top_of": "on top of",
-    "in_front_of": "in front of",
-    "behind": "behind",
-    "next_to": "next to",
-}
 MAX_OBJECTS = 4
-
-
-def caption_words() -> list[str]:
-    """Every word the caption grammar can write (articles, colours, shapes and plurals, number
-    words, relation phrases), in a fixed order: the vocabulary of the embedded models' tokenizers."""
-    words = ["a", "an", "the", "and", "of", "with", "object", "objects", *PALETTE]
-    for singular, plural in SHAPES.items():
-        words += [singular, plural]
-    words += list(NUMBER_WORDS.values())
-    for phrase in RELATIONS.values():
-        words += phrase.split()
-    return list(dict.fromkeys(words))
-
-
-@dataclass(frozen=True)
-class Group:
-    shape: str
-    color: str
-    count: int = 1
-
-    def phrase(self) -> str:
-        if self.count == 1:
-            article = "an" if self.color[0] in "aeiou" else "a"
-            return f"{article} {self.color} {self.shape}"
-        return f"{NUMBER_WORDS[self.count]} {self.color} {SHAPES[self.shape]}"
-
-
-@dataclass(frozen=True)
-class SceneCaption:
-    """The structured content of a caption: one group, or two groups and a relation."""
-
-    groups: tuple[Group, ...]
-    relation: str | None = None
-
-    def text(self) -> str:
-        if self.relation is None:
-            return self.groups[0].phrase()
-        return f"{self.groups[0].phrase()} {RELATIONS[self.relation]} {self.groups[1].phrase()}"
 
 
 @dataclass
@@ -272,28 +212,6 @@ def _place(caption: SceneCaption, rng: np.random.Generator, size_range: tuple[fl
     return objects
 
 
-def relation_holds(scene: Scene, relation: str, a: int, b: int) -> bool:
-    """Whether group ``a`` stands in ``relation`` to group ``b``, decided from their boxes."""
-    (alo, ahi), (blo, bhi) = scene.group_box(a), scene.group_box(b)
-    eps = 1e-6
-    overlap_x = alo[0] < bhi[0] and blo[0] < ahi[0]
-    overlap_z = alo[2] < bhi[2] and blo[2] < ahi[2]
-    grounded = abs(alo[1]) < eps and abs(blo[1]) < eps
-    if relation == "left_of":
-        return bool(ahi[0] < blo[0] and grounded)
-    if relation == "right_of":
-        return bool(alo[0] > bhi[0] and grounded)
-    if relation == "in_front_of":
-        return bool(alo[2] > bhi[2] and grounded)
-    if relation == "behind":
-        return bool(ahi[2] < blo[2] and grounded)
-    if relation == "on_top_of":
-        return bool(abs(alo[1] - bhi[1]) < 1e-3 and overlap_x and overlap_z)
-    if relation == "next_to":  # side by side along x on the ground, z ranges shared
-        return bool(grounded and overlap_z and not overlap_x)
-    raise ValueError(f"unknown relation {relation!r}")
-
-
 def caption_holds(scene: Scene, caption: SceneCaption) -> bool:
     """True when the structured caption describes the scene exactly (counts, colours, shapes, relation)."""
     actual = scene.caption.groups
@@ -310,43 +228,9 @@ def caption_holds(scene: Scene, caption: SceneCaption) -> bool:
     if len(actual) != 2 or len(caption.groups) != 2:
         return False
     for a, b in ((0, 1), (1, 0)):
-        if matches(caption.groups[0], a) and matches(caption.groups[1], b) and relation_holds(scene, caption.relation, a, b):
+        if matches(caption.groups[0], a) and matches(caption.groups[1], b) and relation_holds(caption.relation, *scene.group_box(a), *scene.group_box(b)):
             return True
     return False
-
-
-_ARTICLES = {"a": 1, "an": 1, **{w: n for n, w in NUMBER_WORDS.items()}}
-_PLURAL_SHAPES = {plural: shape for shape, plural in SHAPES.items()}
-
-
-def parse_caption(text: str) -> SceneCaption | None:
-    """Inverse of ``SceneCaption.text`` for the procedural grammar; None for any other text.
-
-    ``parse_caption("two red cubes to the left of a blue sphere")`` gives the structured caption,
-    so that any caption of this grammar (a swapped one, a prompt given to the generator) can be
-    checked against a scene with :func:`caption_holds`.
-    """
-    words = text.strip().rstrip(".").lower().split()
-
-    def group(ws: list[str]) -> Group | None:
-        if len(ws) != 3 or ws[0] not in _ARTICLES or ws[1] not in PALETTE:
-            return None
-        count = _ARTICLES[ws[0]]
-        shape = ws[2] if count == 1 else _PLURAL_SHAPES.get(ws[2])
-        if shape not in SHAPES or (count == 1 and ws[2] not in SHAPES):
-            return None
-        return Group(shape, ws[1], count)
-
-    if len(words) == 3:
-        g = group(words)
-        return SceneCaption((g,)) if g else None
-    for key, phrase in RELATIONS.items():
-        p = phrase.split()
-        if len(words) == 6 + len(p) and words[3 : 3 + len(p)] == p:
-            a, b = group(words[:3]), group(words[3 + len(p) :])
-            if a and b:
-                return SceneCaption((a, b), key)
-    return None
 
 
 def _primitive_part(obj: PlacedObject) -> MeshPart:

@@ -8,7 +8,8 @@ in (``GaussianModel.object_ids``). After generation:
   ``sum(rgb) / sum(alpha)`` is their mean visible colour) and the nearest palette colour is
   compared with the colour word of the object's prompt;
 * **position**: the opacity-weighted centroid of each object's Gaussians is checked against every
-  relation of the layout (x for left/right, z for in front/behind, y for on top/above/below).
+  relation of the layout by ``coherendream.vocabulary.relation_holds``, each centroid a point (x
+  for left/right, z for in front/behind, y for on top/above/below).
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from coherendream.cameras import OrbitSpec
-from coherendream.data.procedural import PALETTE
+from coherendream.cameras import OrbitSpec, camera_tensors
+from coherendream.vocabulary import EXTRA_COLORS, PALETTE, first_color_word, relation_holds
 
 
 # The palette leaves out achromatic colours (the background is white), but a generated object can
 # be grey or white: without these references an untouched grey object would be read as "purple".
-_REFERENCES = {**PALETTE, "gray": (0.5, 0.5, 0.5), "white": (0.95, 0.95, 0.95)}
+_REFERENCES = {**PALETTE, "gray": EXTRA_COLORS["gray"], "white": EXTRA_COLORS["white"]}
 
 
 def nearest_palette_color(rgb: np.ndarray) -> str:
@@ -34,25 +35,8 @@ def nearest_palette_color(rgb: np.ndarray) -> str:
     return names[int(np.argmin(dist))]
 
 
-def _color_word(text: str) -> str | None:
-    words = [w.strip(".,").lower() for w in text.split()]
-    found = [w for w in words if w in PALETTE]
-    return found[0] if found else None
-
-
-def _relation_holds(relation: str, a: np.ndarray, b: np.ndarray) -> bool | None:
-    dx, dy, dz = a - b
-    table = {
-        "left_of": dx < 0,
-        "right_of": dx > 0,
-        "in_front_of": dz > 0,
-        "behind": dz < 0,
-        "on_top_of": dy > 0,
-        "above": dy > 0,
-        "below": dy < 0,
-        "next_to": abs(dx) >= abs(dz) and abs(dy) < max(abs(dx), 1e-9),
-    }
-    return bool(table[relation]) if relation in table else None
+# Relations a pair of centroids can be read for (``inside`` and ``with`` need the boxes).
+CENTROID_RELATIONS = frozenset({"left_of", "right_of", "in_front_of", "behind", "on_top_of", "above", "below", "next_to"})
 
 
 def check_generation(model: Any, layout: Any, resolution: int = 96, orbit: OrbitSpec | None = None) -> dict:
@@ -71,15 +55,14 @@ def check_generation(model: Any, layout: Any, resolution: int = 96, orbit: Orbit
 
     orbit = orbit or OrbitSpec()
     cams = orbit.cameras(resolution, rng=np.random.default_rng(0))
-    viewmats = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32)
-    Ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
+    viewmats, Ks = camera_tensors(cams)
     ids = model.object_ids
     objects, centroids = [], {}
     with torch.no_grad():
         inputs = model.render_inputs()
         for k, obj in enumerate(layout.objects):
             mask = ids == k
-            expected = _color_word(obj.prompt)
+            expected = first_color_word(obj.prompt)
             entry = {"index": k, "prompt": obj.prompt, "expected_color": expected, "gaussians": int(mask.sum())}
             if not bool(mask.any()):
                 objects.append({**entry, "rendered_color": None, "color_ok": False, "centroid": None})
@@ -99,10 +82,10 @@ def check_generation(model: Any, layout: Any, resolution: int = 96, orbit: Orbit
         a, b = centroids.get(rel.subject), centroids.get(rel.object)
         if a is None or b is None:
             ok = False  # an object with no Gaussians left cannot satisfy anything
-        else:
-            ok = _relation_holds(rel.relation, a, b)
-            if ok is None:
-                continue  # a relation with no geometric test here ("inside", "with")
+        elif rel.relation not in CENTROID_RELATIONS:
+            continue  # a relation with no test on centroids ("inside", "with")
+        else:  # each centroid is a point: a box with lo == hi, read with no tolerance
+            ok = relation_holds(rel.relation, a, a, b, b)
         relations.append({"subject": rel.subject, "relation": rel.relation, "object": rel.object, "ok": ok})
     colour_checks = [o["color_ok"] for o in objects if o["expected_color"] is not None]
     rel_checks = [r["ok"] for r in relations]

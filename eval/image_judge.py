@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from coherendream.cameras import Camera
-from coherendream.data.procedural import PALETTE, SHAPES, Group, SceneCaption, scene_for_caption
+from coherendream.data.procedural import scene_for_caption
+from coherendream.vocabulary import PALETTE, SHAPES, Group, SceneCaption
 
 __all__ = ["COUNT_MAX", "ImageJudge", "SingleVerdict", "RelationVerdict", "to_float_rgb"]
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from coherendream.data.procedural import PALETTE, RELATIONS, SHAPES, Group, SceneCaption, sample_scene
+from coherendream.data.procedural import sample_scene
+from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption
 from coherendream.io import atomic_open, atomic_path, write_json
 
 __all__ = ["PriorEvalConfig", "evaluate_prior", "single_prompts", "relation_prompts"]

@@ -13,10 +13,10 @@ LLM's answer fails validation; both answer the :class:`LayoutPlanner` protocol d
 output is untrusted input, so :func:`parse_layout_text` bounds the text length and the object count
 *before* building any model, rejects NaN/Infinity, and reports in plain words what was wrong.
 
-Relations use the keys of ``coherendream.data.procedural.RELATIONS`` (``left_of``, ``right_of``,
-``on_top_of``, ``in_front_of``, ``behind``, ``next_to``) plus ``below``, ``above``, ``inside`` and
-``with`` (attached to / held by / worn by); common phrasings ("on top of", "beside", "under", "in")
-are normalised to these keys.
+Relations use the keys of ``coherendream.vocabulary.RELATION_KEYS`` (the procedural grammar's
+``left_of``, ``right_of``, ``on_top_of``, ``in_front_of``, ``behind``, ``next_to``, plus ``below``,
+``above``, ``inside`` and ``with``: attached to / held by / worn by); common phrasings ("on top of",
+"beside", "under", "in") are normalised to these keys.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from coherendream.vocabulary import ALL_COLORS, GREY, OVERLAP_OK_RELATIONS, first_color_word, normalise_relation, relation_holds
+
 # Limits on untrusted input. The text limit comes first so that json.loads never sees megabytes.
 MAX_TEXT_CHARS = 100_000
 MAX_OBJECTS = 16
@@ -44,43 +46,13 @@ BOUNDS_TOL = 1e-3
 DEFAULT_MAX_OVERLAP = 0.25
 MIN_SIZE = 1e-3
 
-# Relations whose two boxes may overlap on purpose: declared containment or attachment.
-OVERLAP_OK_RELATIONS = frozenset({"inside", "with"})
-
-# Canonical relation keys. The first six are the procedural data's vocabulary.
-RELATION_KEYS: tuple[str, ...] = (
-    "left_of", "right_of", "on_top_of", "in_front_of", "behind", "next_to", "below", "above", "inside", "with",
-)
-# Phrasings (lower case, words joined by "_") accepted from LLMs and mapped to canonical keys.
-_RELATION_SYNONYMS: dict[str, str] = {
-    "left": "left_of", "to_the_left_of": "left_of", "on_the_left_of": "left_of", "left_of": "left_of",
-    "right": "right_of", "to_the_right_of": "right_of", "on_the_right_of": "right_of", "right_of": "right_of",
-    "on": "on_top_of", "on_top": "on_top_of", "on_top_of": "on_top_of", "atop": "on_top_of", "upon": "on_top_of",
-    "on_top_on": "on_top_of", "resting_on": "on_top_of", "sitting_on": "on_top_of", "stacked_on": "on_top_of",
-    "in_front": "in_front_of", "in_front_of": "in_front_of", "front_of": "in_front_of",
-    "behind": "behind", "in_back_of": "behind", "back_of": "behind", "behind_of": "behind",
-    "next_to": "next_to", "beside": "next_to", "besides": "next_to", "near": "next_to", "by": "next_to",
-    "alongside": "next_to", "adjacent_to": "next_to", "close_to": "next_to", "near_to": "next_to",
-    "against": "next_to", "around": "next_to", "between": "next_to",
-    "below": "below", "under": "below", "underneath": "below", "beneath": "below",
-    "above": "above", "over": "above",
-    "inside": "inside", "in": "inside", "within": "inside", "inside_of": "inside", "into": "inside",
-    "with": "with", "holding": "with", "wearing": "with", "attached_to": "with", "has": "with", "carrying": "with",
-}
+# How far the layout reading of a relation bends (see coherendream.vocabulary.relation_holds):
+# LLM boxes are rounded to a few decimals, so faces within 0.02 touch.
+RELATION_TOL = 0.02
 
 
 class LayoutError(ValueError):
     """An answer or a layout that cannot be used; the message says which input was wrong and why."""
-
-
-def normalise_relation(word: str) -> str:
-    """Map a relation phrase (``"to the left of"``, ``"Left-Of"``, ``"beside"``) to its canonical key."""
-    if not isinstance(word, str):
-        raise ValueError(f"relation must be a string, got {type(word).__name__}")
-    key = re.sub(r"[\s\-]+", "_", word.strip().lower())
-    if key in _RELATION_SYNONYMS:
-        return _RELATION_SYNONYMS[key]
-    raise ValueError(f"unknown relation {word[:40]!r}; known relations: {', '.join(RELATION_KEYS)}")
 
 
 def _vec3(value: Any, what: str) -> tuple[float, float, float]:
@@ -222,11 +194,11 @@ class Layout(BaseModel):
         return {frozenset((r.subject, r.object)) for r in self.relations if r.relation in OVERLAP_OK_RELATIONS}
 
     def relation_violations(self) -> list[str]:
-        """Relations that the boxes do not satisfy (loose geometric checks, see :func:`relation_holds`)."""
+        """Relations that the boxes do not satisfy (``coherendream.vocabulary.relation_holds`` with ``RELATION_TOL``)."""
         out = []
         for r in self.relations:
             a, b = self.objects[r.subject], self.objects[r.object]
-            if not relation_holds(a, r.relation, b):
+            if not relation_holds(r.relation, a.lo, a.hi, b.lo, b.hi, RELATION_TOL):
                 out.append(f"{a.name!r} {r.relation} {b.name!r} does not hold for the boxes")
         return out
 
@@ -254,36 +226,6 @@ def geometry_problems(layout: Layout, max_overlap: float = DEFAULT_MAX_OVERLAP) 
                     f"smaller box (at most {max_overlap:.0%} allowed unless related by inside/with)"
                 )
     return problems
-
-
-def relation_holds(a: LayoutObject, relation: str, b: LayoutObject, tol: float = 0.02) -> bool:
-    """Loose geometric reading of ``a relation b`` from the boxes, in the frame of ``cameras``."""
-    alo, ahi, blo, bhi = a.lo, a.hi, b.lo, b.hi
-    ac, bc = np.asarray(a.center), np.asarray(b.center)
-    overlap_xz = bool((alo[[0, 2]] < bhi[[0, 2]] + tol).all() and (blo[[0, 2]] < ahi[[0, 2]] + tol).all())
-    gap = float(np.linalg.norm(np.clip(np.maximum(alo - bhi, blo - ahi), 0.0, None)))
-    if relation == "left_of":
-        return bool(ac[0] < bc[0])
-    if relation == "right_of":
-        return bool(ac[0] > bc[0])
-    if relation == "in_front_of":
-        return bool(ac[2] > bc[2])
-    if relation == "behind":
-        return bool(ac[2] < bc[2])
-    if relation == "on_top_of":
-        return bool(abs(alo[1] - bhi[1]) <= tol and overlap_xz)
-    if relation == "above":
-        return bool(alo[1] >= bhi[1] - tol)
-    if relation == "below":
-        return bool(ahi[1] <= blo[1] + tol)
-    if relation == "inside":  # within the footprint, bottom within the container (may stick out on top)
-        in_xz = bool((ac[[0, 2]] >= blo[[0, 2]] - tol).all() and (ac[[0, 2]] <= bhi[[0, 2]] + tol).all())
-        return in_xz and bool(blo[1] - tol <= alo[1] <= bhi[1])
-    if relation == "with":
-        return gap <= tol
-    if relation == "next_to":
-        return gap <= 0.5
-    raise ValueError(f"unknown relation {relation!r}")
 
 
 def _summarise_validation_error(err: ValidationError, limit: int = 6) -> str:
@@ -583,45 +525,12 @@ def sample_points_in_layout(
 # Colours
 # ---------------------------------------------------------------------------------------------------
 
-# Colour words beyond the procedural PALETTE, so that e.g. "white" or "golden" still seed a colour.
-_EXTRA_COLORS: dict[str, tuple[float, float, float]] = {
-    "white": (0.95, 0.95, 0.95), "gray": (0.5, 0.5, 0.5), "grey": (0.5, 0.5, 0.5), "silver": (0.75, 0.75, 0.78),
-    "gold": (0.85, 0.68, 0.20), "golden": (0.85, 0.68, 0.20), "beige": (0.90, 0.85, 0.70),
-    "ivory": (0.95, 0.93, 0.85), "burgundy": (0.50, 0.05, 0.15), "emerald": (0.10, 0.60, 0.35),
-    "navy": (0.05, 0.10, 0.40), "violet": (0.55, 0.25, 0.80), "magenta": (0.85, 0.10, 0.65),
-    "turquoise": (0.20, 0.80, 0.75), "teal": (0.05, 0.50, 0.50), "crimson": (0.75, 0.05, 0.15),
-    "tan": (0.80, 0.68, 0.50), "bronze": (0.60, 0.40, 0.20), "brass": (0.70, 0.60, 0.25),
-    "copper": (0.72, 0.45, 0.20), "neon": (0.60, 1.00, 0.20), "cherry": (0.80, 0.05, 0.15),
-    "mahogany": (0.40, 0.15, 0.10),
-}
-GREY = (0.5, 0.5, 0.5)
-
-
-def _palette() -> dict[str, tuple[float, float, float]]:
-    """The procedural data's PALETTE (authoritative where a word is in it) over the extra colours."""
-    from coherendream.data.procedural import PALETTE  # local import: trimesh loads only when colours are asked for
-
-    return {**_EXTRA_COLORS, **PALETTE}
-
-
-_COLOR_WORDS = frozenset(_EXTRA_COLORS) | frozenset(
-    "red green blue yellow orange purple pink cyan brown black".split()  # PALETTE's keys (a test checks)
-)
-
 
 def colors_from_prompts(layout: Layout) -> torch.Tensor:
     """Initial RGB ``[num_objects, 3]`` per object from the first colour word in its prompt.
 
-    PALETTE values (``coherendream.data.procedural``) where the word is in it, a few extra common
-    colours ("white", "golden", "silver") otherwise, grey when the prompt names no colour.
+    The procedural palette where the word is in it, a few extra common colours ("white", "golden",
+    "silver") otherwise, grey when the prompt names no colour (``coherendream.vocabulary``).
     """
-    palette = _palette()
-    out = []
-    for o in layout.objects:
-        rgb = GREY
-        for w in re.split(r"[^a-z]+", o.prompt.lower()):
-            if w in palette:
-                rgb = palette[w]
-                break
-        out.append(rgb)
-    return torch.tensor(out, dtype=torch.float32)
+    words = [first_color_word(o.prompt, ALL_COLORS) for o in layout.objects]
+    return torch.tensor([ALL_COLORS[w] if w else GREY for w in words], dtype=torch.float32)

@@ -14,7 +14,6 @@ from typing import Any
 from coherendream.generation.layout import (
     DEFAULT_MAX_OVERLAP,
     MAX_OBJECTS,
-    RELATION_KEYS,
     LayoutError,
     LayoutPlanner,
     LayoutResult,
@@ -23,6 +22,7 @@ from coherendream.generation.layout import (
 from coherendream.generation.layout_rules import RuleBasedPlanner
 
 from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid
+from coherendream.vocabulary import RELATION_KEYS
 
 _EXAMPLE_PROMPT = "a red cube to the left of a blue sphere on a wooden table"
 _EXAMPLE_LAYOUT = {

@@ -20,20 +20,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from coherendream.generation.layout import (
-    _COLOR_WORDS,
     MAX_NAME_CHARS,
     MAX_OBJECTS,
     MAX_PROMPT_CHARS,
     MAX_RELATIONS,
-    OVERLAP_OK_RELATIONS,
+    RELATION_TOL,
     Layout,
     LayoutError,
     LayoutResult,
     box_overlap_fraction,
-    relation_holds,
     repair_layout,
     validate_layout,
 )
+from coherendream.vocabulary import COLOR_WORDS, OVERLAP_OK_RELATIONS, relation_holds
 
 __all__ = ["RuleBasedPlanner", "WholePromptPlanner"]
 
@@ -143,7 +142,7 @@ _LARGE_WORDS = frozenset("large big huge giant enormous tall massive".split())
 # Physical size rank: a person cannot sit "on" a laptop; other kinds rank 1, supports are handled apart.
 _RANK = {"person": 2, "big": 2}
 
-_ADJECTIVES = _COLOR_WORDS | _SMALL_WORDS | _LARGE_WORDS | frozenset(
+_ADJECTIVES = COLOR_WORDS | _SMALL_WORDS | _LARGE_WORDS | frozenset(
     "open flat old new single empty full half whole bright dark pale shiny warm cold hot cool soft hard wet dry "
     "fresh ripe sleek glossy smooth rough young ancient antique vintage rustic elegant delicate fluffy fuzzy plush "
     "rusty dusty sturdy thick thin long short round square wooden metal plastic leather ceramic colorful colourful "
@@ -431,7 +430,7 @@ class RuleBasedPlanner:
             w = words[k]
             return (
                 w in _DETERMINERS or w in _NUMBERS or w in _PARTICLES or w in _AUX or w == "and"
-                or w in _COLOR_WORDS or self._rel_at(words, k) is not None
+                or w in COLOR_WORDS or self._rel_at(words, k) is not None
                 or (w.endswith("ly") and w not in _NOUN_LY)
             )
 
@@ -507,7 +506,7 @@ class RuleBasedPlanner:
             if w == "and":
                 prev_w = words[i - 1] if i else ""
                 next_w = words[i + 1] if i + 1 < n else ""
-                if has_content and prev_w in _COLOR_WORDS and next_w in _COLOR_WORDS:
+                if has_content and prev_w in COLOR_WORDS and next_w in COLOR_WORDS:
                     np_.words.append("and")  # "red and white lighthouse"
                 else:
                     close()
@@ -684,11 +683,12 @@ class RuleBasedPlanner:
             for a in first_of.get(s, []):
                 for b in first_of.get(o, []):
                     oa, ob = draft.objects[a], draft.objects[b]
-                    # Record only what the boxes show (a row of three is not "next to" at its far
-                    # end); a declared containment/attachment is kept whenever the boxes meet, since
-                    # it is what licenses their overlap.
-                    meets = box_overlap_fraction(oa, ob) > 0 or relation_holds(oa, "with", ob)
-                    if relation_holds(oa, key, ob) or (key in OVERLAP_OK_RELATIONS and meets):
+                    # Record only what the boxes show, in the reading the ground-truth checker uses
+                    # (coherendream.vocabulary); a declared containment/attachment is kept whenever
+                    # the boxes meet, since it is what licenses their overlap.
+                    boxes = (oa.lo, oa.hi, ob.lo, ob.hi)
+                    meets = box_overlap_fraction(oa, ob) > 0 or relation_holds("with", *boxes, RELATION_TOL)
+                    if relation_holds(key, *boxes, RELATION_TOL) or (key in OVERLAP_OK_RELATIONS and meets):
                         if (a, key, b) not in seen and len(relations) < MAX_RELATIONS:
                             seen.add((a, key, b))
                             relations.append({"subject": a, "relation": key, "object": b})

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from diffusers import DiffusionPipeline
 
-from coherendream.data.procedural import caption_words
+from coherendream.vocabulary import caption_words
 from coherendream.generation.guidance import TEXT_MAX_LENGTH, classifier_free_guidance, has_vae
 from coherendream.grid import GridLayout, tile
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from coherendream.critic.tiny import IMAGE_TOKEN, build_tiny_critic, build_tokenizer
-from coherendream.data.procedural import NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
+from coherendream.vocabulary import NUMBER_WORDS, PALETTE, RELATIONS, SHAPES
 from coherendream.prompts import (
     ANSWER_NO,
     ANSWER_YES,

@@ -168,7 +168,7 @@ def test_caption_rows_add_one_description_per_asset(tiny, dataset):
 def test_presence_rows_ask_the_critics_question_about_one_word(tiny, dataset):
     from coherendream.critic.model import CriticConfig
     from coherendream.critic.train import critic_config_for, load_rows
-    from coherendream.data.procedural import PALETTE, SHAPES
+    from coherendream.vocabulary import PALETTE, SHAPES
     from coherendream.prompts import format_question
 
     plain, _ = load_rows(CriticTrainConfig(dataset=str(dataset), eval_split=None))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coherendream.data.procedural import PALETTE, SHAPES, Group, SceneCaption, sample_scene
+from coherendream.data.procedural import sample_scene
+from coherendream.vocabulary import PALETTE, SHAPES, Group, SceneCaption
 from coherendream.eval.image_judge import ImageJudge
 
 

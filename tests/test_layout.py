@@ -18,7 +18,6 @@ from coherendream.generation.layout import (
     LayoutPlanner,
     colors_from_prompts,
     extract_json,
-    normalise_relation,
     parse_layout_text,
     repair_layout,
     sample_points_in_layout,
@@ -26,6 +25,7 @@ from coherendream.generation.layout import (
 )
 from coherendream.generation.layout_llm import _EXAMPLE_LAYOUT, OpenAIPlanner, TransformersPlanner, build_messages
 from coherendream.generation.layout_rules import RuleBasedPlanner
+from coherendream.vocabulary import normalise_relation
 
 def _prompts(bench: Path, name: str) -> list[str]:
     return [line.strip() for line in (bench / f"prompt_{name}.txt").read_text().splitlines() if line.strip()]
@@ -265,10 +265,9 @@ def test_sample_points_inside_boxes_with_minimum_per_object(rules):
 
 
 def test_colors_from_prompts(rules):
-    from coherendream.data.procedural import PALETTE
-    from coherendream.generation.layout import _COLOR_WORDS
+    from coherendream.vocabulary import COLOR_WORDS, PALETTE
 
-    assert set(PALETTE) <= _COLOR_WORDS  # the parser's colour words cover the procedural palette
+    assert set(PALETTE) <= COLOR_WORDS  # the parser's colour words cover the procedural palette
     lay = rules.plan_layout("a red cube to the left of a blue sphere next to a wooden table")
     cols = colors_from_prompts(lay)
     assert cols.shape == (len(lay.objects), 3)

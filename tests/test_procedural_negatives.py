@@ -2,17 +2,13 @@ import numpy as np
 import pytest
 
 from coherendream.data.negatives import NegativeConfig, procedural_negative, text_negative
-from coherendream.data.procedural import (
-    PALETTE,
-    RELATIONS,
-    SHAPES,
-    ProceduralConfig,
-    SceneCaption,
-    caption_holds,
-    parse_caption,
-    relation_holds,
-    sample_scene,
-)
+from coherendream.data.procedural import ProceduralConfig, caption_holds, sample_scene
+from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, SceneCaption, parse_caption
+from coherendream.vocabulary import relation_holds as boxes_relate
+
+
+def relation_holds(scene, relation, a, b):
+    return boxes_relate(relation, *scene.group_box(a), *scene.group_box(b))
 
 SCENES = [sample_scene(s) for s in range(300)]
 

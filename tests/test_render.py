@@ -5,7 +5,8 @@ import pytest
 
 from coherendream.cameras import Camera, OrbitSpec
 from coherendream.data.assets import load_mesh
-from coherendream.data.procedural import PALETTE, Group, SceneCaption, _place, Scene
+from coherendream.data.procedural import _place, Scene
+from coherendream.vocabulary import PALETTE, Group, SceneCaption
 from coherendream.data.render import MeshRenderer
 
 ASSIMP = "/usr/share/assimp/models"
