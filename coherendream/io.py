@@ -1,19 +1,26 @@
-"""Crash-safe file writes shared by every batch job.
+"""Crash-safe file writes shared by every batch job, and the one writer of result tables.
 
 A file is written next to its destination under a temporary name, flushed to disk and then
 renamed over the destination (``os.replace`` is atomic on POSIX within one file system), so a
 kill at any moment leaves either the old file or the complete new one, never half of one.
+:func:`write_results` writes every command's per-item results (``critic score``, ``eval ...``)
+as JSON, JSONL and/or CSV with the same conversions and the same spreadsheet safety.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -66,3 +73,97 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+# Text cells that a spreadsheet would evaluate as a formula.
+_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, (dict, list, tuple)):
+        v = json.dumps(v, default=str)
+    if isinstance(v, str) and v.startswith(_FORMULA_PREFIXES):
+        # Untrusted text such as "=HYPERLINK(...)" would run as a formula in a spreadsheet;
+        # a leading apostrophe makes it inert (OWASP CSV-injection advice). Numbers are untouched.
+        return "'" + v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, np.ndarray):
+        return _jsonable(v.tolist())
+    if isinstance(v, np.generic):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # strict JSON has no NaN/Infinity
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def table_columns(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> list[str]:
+    """``columns`` if given, else every key of ``rows`` in order of first appearance."""
+    if columns is not None:
+        return list(columns)
+    cols: dict[str, None] = {}
+    for r in rows:
+        cols.update(dict.fromkeys(map(str, r.keys())))
+    return list(cols)
+
+
+RESULT_FORMATS = ("json", "jsonl", "csv")
+
+
+def write_results(
+    rows: Iterable[Mapping[str, Any]], path_stem: str | Path, columns: Sequence[str] | None = None,
+    formats: Sequence[str] = ("json", "csv"),
+) -> tuple[Path, ...]:  # fmt: skip
+    """Write result records as ``<stem>.json`` (a list of objects), ``<stem>.jsonl`` (one object a
+    line) and/or ``<stem>.csv``, each atomically.
+
+    Args:
+        rows: records (dicts); numpy scalars/arrays and paths are converted, NaN/inf become
+            ``null`` in JSON and empty cells in CSV.
+        path_stem: output path without extension (a trailing ``.json``, ``.jsonl`` or ``.csv`` is
+            dropped; any other dot stays part of the name).
+        columns: CSV column order (JSON keeps every key); default every key in order of first
+            appearance. Nested values are JSON-encoded in their CSV cell; text cells starting with
+            ``= + - @`` get a leading ``'`` so spreadsheets do not evaluate them.
+        formats: any of ``"json"``, ``"jsonl"``, ``"csv"``.
+
+    Returns:
+        The paths written, in the order of ``formats``.
+    """
+    unknown = sorted(set(formats) - set(RESULT_FORMATS))
+    if unknown:
+        raise ValueError(f"unknown output format(s) {unknown}; known: {', '.join(RESULT_FORMATS)}")
+    rows = [_jsonable(dict(r)) for r in rows]
+    stem = Path(path_stem)
+    if stem.suffix in (".json", ".jsonl", ".csv"):
+        stem = stem.with_suffix("")
+    paths = []
+    for fmt in formats:
+        # Appended rather than with_suffix, so a stem such as "run.v2" keeps its dot.
+        path = stem.parent / f"{stem.name}.{fmt}"
+        if fmt == "json":
+            write_json(path, rows)
+        elif fmt == "jsonl":
+            write_jsonl(path, rows)
+        else:
+            cols = table_columns(rows, columns)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({c: _csv_cell(r.get(c)) for c in cols})
+            write_text(path, buf.getvalue())
+        paths.append(path)
+    return tuple(paths)

@@ -27,7 +27,7 @@
    order; a bad item becomes ``{"id", "reason", "error", ...extra}``, where ``error`` names the
    file or field and says why.
 
-3. Writers: :func:`write_results` / :func:`score_to_files` write, atomically,
+3. Writers: :func:`write_score_files` / :func:`score_to_files` write, atomically,
 
    * ``scores.csv`` and ``scores.jsonl`` -- one row per *scored* item: ``id, prompt, prob_yes,
      margin`` then the extra fields (in the CSV, list/dict values are JSON-encoded);
@@ -54,9 +54,14 @@ from typing import Any
 
 import torch
 
-from coherendream.data.assets import AssetError
-from coherendream.data.manifest import MAX_CAPTION_CHARS, evenly_spaced, list_view_images, read_table, resolve_under_root
-from coherendream.io import atomic_open, write_json
+from coherendream.data.manifest import (
+    MAX_CAPTION_CHARS,
+    evenly_spaced,
+    list_view_images,
+    manifest_rows,
+    render_dir_rows,
+)
+from coherendream.io import write_json, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +75,6 @@ _ITEM_KEYS = ("id", "views", "prompt", "error", "reason")
 _RESULT_KEYS = ("id", "prompt", "prob_yes", "margin", "error", "reason")
 # Columns of a built dataset that results keep, so evaluation can group by them.
 DATASET_EXTRA_COLUMNS = ("label", "negative_type", "pair_id", "asset_id", "split")
-_ID_KEYS = ("id", "uid")
-_PROMPT_KEYS = ("prompt", "caption", "text")
 
 
 class ItemError(Exception):
@@ -134,66 +137,19 @@ def items_from_render_dir(
         FileNotFoundError: ``folder`` or ``prompts_file`` does not exist (the input itself, not
             one item, is wrong).
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"render folder {folder}: not found or not a folder")
-    prompts: dict[str, str] = {}
-    if prompts_file is not None:
-        for line_no, row in read_table(prompts_file):
-            where = f"{Path(prompts_file).name}:{line_no}"
-            if "_error" in row:
-                yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
-                continue
-            uid, prompt = _first(row, _ID_KEYS), _first(row, _PROMPT_KEYS)
-            if not uid:
-                yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: row has no uid/id"}
-            elif uid in prompts:
-                yield {"id": f"<{where}>", "reason": "duplicate_id", "error": f"{where}: uid {uid!r} appears earlier in {Path(prompts_file).name}; this row is ignored"}
-            else:
-                prompts[uid] = prompt
-
-    seen: set[str] = set()
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        uid = sub.name
-        seen.add(uid)
-        item: dict[str, Any] = {"id": uid, "path": str(sub)}
-        try:
-            # A symlinked sub-folder may point anywhere; only folders inside the input are read.
-            real = resolve_under_root(folder, uid)
-        except AssetError as err:
-            yield {**item, "reason": err.reason, "error": f"{sub}: {err}"}
+    for row in render_dir_rows(folder, prompts_file):
+        item = {k: row[k] for k in ("id", "prompt", "path") if k in row}
+        if "error" in row:
+            yield {**item, "reason": row["reason"], "error": row["error"]}
             continue
-        prompt = prompts.get(uid)
-        if prompt is None:
-            caption_file = real / "caption.txt"
-            if not caption_file.is_file():
-                where = f" or in {prompts_file}" if prompts_file is not None else ""
-                yield {**item, "reason": "missing_prompt", "error": f"{sub}: no prompt (no caption.txt{where})"}
-                continue
-            try:
-                prompt = caption_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as err:
-                yield {**item, "reason": "unreadable_prompt", "error": f"{caption_file}: cannot be read as UTF-8 text ({err})"}
-                continue
-        item["prompt"] = _clean(prompt)
-        item["views"] = real
+        item["views"] = row["full"]
         if num_views is not None:
             try:
-                item["views"] = select_views(real, num_views)
+                item["views"] = select_views(row["full"], num_views)
             except ItemError as err:
                 yield {**item, "reason": err.reason, "error": str(err)}
                 continue
         yield item
-    for uid in prompts:
-        if uid in seen:
-            continue
-        item = {"id": uid, "prompt": _clean(prompts[uid]), "path": str(folder / uid)}
-        try:
-            resolve_under_root(folder, uid)  # a uid like "../x" names no sub-folder of this input
-        except AssetError as err:
-            yield {**item, "reason": err.reason, "error": f"{prompts_file}: uid {uid!r}: {err}"}
-            continue
-        yield {**item, "reason": "missing_folder", "error": f"{folder / uid}: listed in {prompts_file} but no such sub-folder"}
 
 
 def items_from_manifest(path: str | Path, root: str | Path | None = None, num_views: int | None = None) -> Iterator[dict]:
@@ -212,40 +168,18 @@ def items_from_manifest(path: str | Path, root: str | Path | None = None, num_vi
         FileNotFoundError / ValueError: the manifest itself is missing, unreadable or has no
             header naming an id column.
     """
-    path = Path(path)
-    root_dir = Path(root) if root is not None else path.parent
-    if not root_dir.is_dir():
-        raise FileNotFoundError(f"manifest root {root_dir}: not found or not a folder")
-    seen: set[str] = set()
-    for line_no, row in read_table(path):
-        where = f"{path.name}:{line_no}"
-        if "_error" in row:
-            yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
+    for row in manifest_rows(path, root):
+        extra = {k: v for k, v in row["extra"].items() if k not in (*_RESULT_KEYS, "views")}
+        item = {"id": row["id"], "prompt": row["prompt"], "path": row["path"], **extra}
+        if "error" in row:
+            yield {**item, "reason": row["reason"], "error": row["error"]}
             continue
-        uid, rel = _first(row, _ID_KEYS), _first(row, ("path",))
-        extra = {k: v for k, v in row.items() if k not in (*_ID_KEYS, *_PROMPT_KEYS, "path", *_RESULT_KEYS, "views")}
-        if not uid:
-            yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: row has no id"}
-            continue
-        if uid in seen:
-            yield {"id": f"<{where}>", "reason": "duplicate_id", "error": f"{where}: id {uid!r} appears earlier in the manifest; this row is ignored"}
-            continue
-        seen.add(uid)
-        item = {"id": uid, "prompt": _clean(_first(row, _PROMPT_KEYS)), "path": rel, **extra}
-        if not rel:
-            yield {**item, "reason": "missing_path", "error": f"{where}: no path (a folder of views)"}
-            continue
-        try:
-            full = resolve_under_root(root_dir, rel)
-        except AssetError as err:
-            yield {**item, "reason": err.reason, "error": f"{where}: {err}"}
-            continue
-        item["views"] = full
+        item["views"] = row["full"]
         if num_views is not None:
             try:
-                item["views"] = select_views(full, num_views)
+                item["views"] = select_views(row["full"], num_views)
             except ItemError as err:
-                yield {**item, "reason": err.reason, "error": f"{where}: {err}"}
+                yield {**item, "reason": err.reason, "error": f"{row['where']}: {err}"}
                 continue
         yield item
 
@@ -334,20 +268,6 @@ def items_from_input(
     if kind == "render_dir":
         return items_from_render_dir(path, num_views=num_views, prompts_file=prompts_file)
     raise ValueError(f"unknown input kind {kind!r}; known: dataset, manifest, render_dir")
-
-
-def _first(row: Mapping, keys: Sequence[str]) -> str:
-    """The first non-empty value of ``keys`` in ``row``, as a stripped string ('' if none)."""
-    for key in keys:
-        value = row.get(key)
-        if value is not None and str(value).strip():
-            return str(value).strip()
-    return ""
-
-
-def _clean(text: Any) -> str:
-    """Whitespace collapsed (captions files end with newlines; the question is one line)."""
-    return " ".join(str(text or "").split())
 
 
 # =========================================================================== loading
@@ -543,8 +463,9 @@ def split_results(results: Iterable[Mapping]) -> tuple[list[dict], list[dict]]:
     return scored, errors
 
 
-def write_results(results: Sequence[Mapping], output_dir: str | Path, formats: Sequence[str] = ("csv", "jsonl")) -> dict[str, str]:
-    """Write ``scores.csv`` / ``scores.jsonl`` (scored items) and ``errors.jsonl`` atomically.
+def write_score_files(results: Sequence[Mapping], output_dir: str | Path, formats: Sequence[str] = ("csv", "jsonl")) -> dict[str, str]:
+    """Write ``scores.csv`` / ``scores.jsonl`` (scored items) and ``errors.jsonl`` atomically
+    (``coherendream.io.write_results``).
 
     Returns:
         ``{"csv": path, "jsonl": path, "errors": path}`` (the formats written).
@@ -553,46 +474,16 @@ def write_results(results: Sequence[Mapping], output_dir: str | Path, formats: S
     if unknown:
         raise ValueError(f"unknown output format(s) {unknown}; known: csv, jsonl")
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     scored, errors = split_results(results)
-    files: dict[str, str] = {}
-    if "csv" in formats:
-        files["csv"] = str(_write_csv(output_dir / SCORES_CSV, scored))
-    if "jsonl" in formats:
-        files["jsonl"] = str(_write_jsonl(output_dir / SCORES_JSONL, scored))
-    errors = [{"id": e["id"], "reason": e.get("reason"), "error": e["error"],
-               **{k: v for k, v in e.items() if k not in ("id", "reason", "error")}} for e in errors]
-    files["errors"] = str(_write_jsonl(output_dir / ERRORS_JSONL, errors))
-    return files
-
-
-def _write_csv(path: Path, rows: Sequence[Mapping]) -> Path:
     columns = ["id", "prompt", "prob_yes", "margin"]
-    for row in rows:  # extra fields in first-seen order, after the fixed ones
+    for row in scored:  # extra fields in first-seen order, after the fixed ones
         columns += [k for k in row if k not in columns and k not in ("error", "reason")]
-    with atomic_open(path) as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _csv_value(row.get(k)) for k in columns})
-    return path
-
-
-def _csv_value(value: Any) -> Any:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)  # full precision, so the CSV and the JSONL agree exactly
-    if isinstance(value, (list, dict, tuple)):
-        return json.dumps(value)
-    return value
-
-
-def _write_jsonl(path: Path, rows: Sequence[Mapping]) -> Path:
-    with atomic_open(path) as fh:
-        for row in rows:
-            fh.write(json.dumps(row, default=str) + "\n")
-    return path
+    paths = write_results(scored, output_dir / Path(SCORES_CSV).stem, columns, formats)
+    files = {fmt: str(path) for fmt, path in zip(formats, paths)}
+    errors = [{"id": e["id"], "reason": e.get("reason"), "error": e["error"],
+               **{k: v for k, v in e.items() if k not in ("id", "reason", "error")}} for e in errors]  # fmt: skip
+    (files["errors"],) = map(str, write_results(errors, output_dir / Path(ERRORS_JSONL).stem, formats=("jsonl",)))
+    return files
 
 
 def read_scores_csv(path: str | Path) -> list[dict]:
@@ -655,7 +546,7 @@ def score_to_files(
     if not run.merged:
         return {"merged": False, "chunks": run.chunks, "chunks_done": run.done, "chunks_skipped": run.skipped}
     results = _mark_duplicates(run.rows)
-    files = write_results(results, output_dir, formats)
+    files = write_score_files(results, output_dir, formats)
     scored, errors = split_results(results)
     summary = {
         "merged": True,
@@ -708,5 +599,5 @@ __all__ = [
     "score_to_files",
     "select_views",
     "split_results",
-    "write_results",
+    "write_score_files",
 ]

@@ -19,7 +19,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 from coherendream.data.assets import MESH_EXTENSIONS, AssetError
 
@@ -65,50 +65,105 @@ def resolve_under_root(root: Path, relative: str) -> Path:
     return full
 
 
-def read_manifest(path: str | Path, root: str | Path | None = None, path_pattern: str | None = None) -> tuple[list[AssetRef], list[Rejection]]:
-    """Read a CSV/JSONL manifest (or a headerless Cap3D ``uid,caption`` CSV with ``path_pattern``)."""
+# Column names accepted for an asset's id and its text, in order of preference: `data build`
+# manifests say uid/caption, scoring manifests id/prompt; both are read everywhere.
+ID_COLUMNS = ("id", "uid")
+PROMPT_COLUMNS = ("prompt", "caption", "text")
+
+
+def column_value(row: dict, keys: tuple[str, ...]) -> str:
+    """The first non-empty value of ``keys`` in ``row`` as a stripped string ('' if none)."""
+    for key in keys:
+        value = row.get(key)
+        if value is not None and str(value).strip():
+            return str(value).strip()
+    return ""
+
+
+def manifest_rows(path: str | Path, root: str | Path | None = None, path_pattern: str | None = None) -> Iterator[dict]:
+    """The rows of an asset manifest, checked; the one reader behind ``data build``, ``critic
+    score`` and ``eval assets``.
+
+    Args:
+        path: CSV/TSV with a header, or JSONL. Columns: ``id`` (or ``uid``), ``prompt`` (or
+            ``caption``/``text``), ``path``; other columns are kept in ``extra``. With
+            ``path_pattern``, a headerless ``uid,caption`` CSV (Cap3D's) is read too, and a row
+            without ``path`` gets ``path_pattern.format(uid=...)``.
+        root: the folder paths are relative to (default: the manifest's); a path that leads out of
+            it (``../``, a symbolic link) is refused, never followed.
+
+    Yields:
+        In file order, ``{"id", "prompt", "path", "full", "where", "extra"}`` for a usable row
+        (``full``: the resolved path under the root; ``where``: ``"<file>:<line>"``), else ``{"id",
+        "prompt", "path", "where", "extra", "reason", "error"}``. Reasons: ``invalid_row`` (bad
+        JSON line, no id; ``id`` is then ``"<where>"``), ``duplicate_id`` (a later row with an id
+        seen before; also ``"<where>"``), ``empty_prompt``, ``prompt_too_long``, ``missing_path``,
+        ``outside_root``.
+
+    Raises:
+        FileNotFoundError / ValueError: the manifest or the root is missing, or the manifest
+            cannot be read or has no id column (then no row can be trusted).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path}: not found")
     root_dir = Path(root) if root is not None else path.parent
     if not root_dir.is_dir():
-        raise FileNotFoundError(f"manifest root {root_dir}: not a folder")
+        raise FileNotFoundError(f"manifest root {root_dir}: not found or not a folder")
     hint = "; a headerless uid,caption file (Cap3D) needs path_pattern, e.g. '{uid}.glb'"
-    rows = list(read_table(path, key_columns=("uid",), headerless=("uid", "caption") if path_pattern else None, hint=hint))
-    refs, rejected, seen = [], [], set()
-    for line_no, row in rows:
-        uid = str(row.get("uid") or "").strip()
-        caption = " ".join(str(row.get("caption") or "").split())
-        rel = row.get("path")
-        if rel is None and path_pattern is not None and uid:
-            rel = path_pattern.format(uid=uid)
+    seen: set[str] = set()
+    for line_no, row in read_table(path, ID_COLUMNS, headerless=("uid", "caption") if path_pattern else None, hint=hint):
         where = f"{path.name}:{line_no}"
-        if "_error" in row:
-            rejected.append(Rejection(f"<{where}>", None, "manifest", "invalid_row", f"{where}: {row['_error']}"))
-            continue
-        if not uid:
-            rejected.append(Rejection(f"<{where}>", rel, "manifest", "missing_uid", f"{where}: row has no uid"))
+        uid, prompt = column_value(row, ID_COLUMNS), " ".join(column_value(row, PROMPT_COLUMNS).split())
+        rel = column_value(row, ("path",)) or (path_pattern.format(uid=uid) if path_pattern and uid else "")
+        extra = {k: v for k, v in row.items() if k not in (*ID_COLUMNS, *PROMPT_COLUMNS, "path", "_error")}
+        entry = {"id": uid, "prompt": prompt, "path": rel, "where": where, "extra": extra}
+        if "_error" in row or not uid:
+            why = row.get("_error") or "row has no id (an id or uid column)"
+            yield {**entry, "id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {why}"}
             continue
         if uid in seen:
-            rejected.append(Rejection(uid, rel, "manifest", "duplicate_uid", f"{where}: uid {uid!r} appears earlier in the manifest"))
+            yield {**entry, "id": f"<{where}>", "reason": "duplicate_id", "error": f"{where}: id {uid!r} appears earlier in the manifest; this row is ignored"}
             continue
         seen.add(uid)
-        if not caption:
-            rejected.append(Rejection(uid, rel, "manifest", "empty_caption", f"{where}: caption is empty"))
-            continue
-        if len(caption) > MAX_CAPTION_CHARS:
-            rejected.append(Rejection(uid, rel, "manifest", "caption_too_long", f"{where}: caption longer than {MAX_CAPTION_CHARS} characters"))
-            continue
-        if not rel:
-            rejected.append(Rejection(uid, None, "manifest", "missing_path", f"{where}: no path (give a path column or --path-pattern)"))
-            continue
-        try:
-            full = resolve_under_root(root_dir, str(rel))
-        except AssetError as err:
-            rejected.append(Rejection(uid, str(rel), "manifest", err.reason, f"{where}: {err}"))
-            continue
-        kind = "views" if full.is_dir() else "mesh"
-        refs.append(AssetRef(uid=uid, kind=kind, caption=caption, path=str(full)))
+        if not prompt:
+            yield {**entry, "reason": "empty_prompt", "error": f"{where}: prompt is empty (a prompt or caption column)"}
+        elif len(prompt) > MAX_CAPTION_CHARS:
+            yield {**entry, "reason": "prompt_too_long", "error": f"{where}: prompt longer than {MAX_CAPTION_CHARS} characters"}
+        elif not rel:
+            yield {**entry, "reason": "missing_path", "error": f"{where}: no path" + (" (give a path column or --path-pattern)" if path_pattern is None else "")}
+        else:
+            try:
+                yield {**entry, "full": resolve_under_root(root_dir, rel)}
+            except AssetError as err:
+                yield {**entry, "reason": err.reason, "error": f"{where}: {err}"}
+            except (OSError, ValueError) as err:
+                yield {**entry, "reason": "unreadable", "error": f"{where}: {rel}: {err}"}
+
+
+def check_manifest(path: str | Path) -> None:
+    """Refuse, before any work, a manifest with no rows or without the columns every row needs
+    (id, path, prompt, under any of their accepted names)."""
+    rows = [row for _, row in read_table(path, ID_COLUMNS) if "_error" not in row]
+    if not rows:
+        raise ValueError(f"manifest {path}: no rows (expected columns id, path, prompt)")
+    keys = set().union(*rows)
+    missing = [name for name, accepted in (("path", ("path",)), ("prompt", PROMPT_COLUMNS)) if not keys & set(accepted)]
+    if missing:
+        raise ValueError(f"manifest {path}: no {' or '.join(repr(m) for m in missing)} column; its columns are "
+                         f"{', '.join(sorted(keys))} (expected id, path, prompt)")  # fmt: skip
+
+
+def read_manifest(path: str | Path, root: str | Path | None = None, path_pattern: str | None = None) -> tuple[list[AssetRef], list[Rejection]]:
+    """Assets of a CSV/JSONL manifest (or a headerless Cap3D ``uid,caption`` CSV with
+    ``path_pattern``) for ``data build``; rows that cannot be used become rejections."""
+    refs, rejected = [], []
+    for row in manifest_rows(path, root, path_pattern):
+        if "error" in row:
+            rejected.append(Rejection(row["id"], row["path"] or None, "manifest", row["reason"], row["error"]))
+        else:
+            full = row["full"]
+            refs.append(AssetRef(uid=row["id"], kind="views" if full.is_dir() else "mesh", caption=row["prompt"], path=str(full)))
     return refs, rejected
 
 
@@ -170,7 +225,7 @@ def scan_mesh_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:
         caption_file = file.with_suffix(".txt")
         caption = " ".join(caption_file.read_text(encoding="utf-8", errors="replace").split()) if caption_file.is_file() else ""
         if not caption:
-            rejected.append(Rejection(uid, str(file), "manifest", "missing_caption", f"{file}: no caption (expected text in {caption_file.name})"))
+            rejected.append(Rejection(uid, str(file), "manifest", "missing_prompt", f"{file}: no caption (expected text in {caption_file.name})"))
             continue
         try:
             full = resolve_under_root(folder, str(file.relative_to(folder)))
@@ -181,19 +236,91 @@ def scan_mesh_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:
     return refs, rejected
 
 
-def scan_render_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:
-    """Every sub-folder ``<uid>/`` holding images; its caption is ``<uid>/caption.txt``."""
+def render_dir_rows(folder: str | Path, prompts_file: str | Path | None = None) -> Iterator[dict]:
+    """The assets of a folder of renders, one per sub-folder ``<uid>/`` of view images; the one
+    reader behind ``data build`` and ``critic score`` for such folders.
+
+    Args:
+        folder: the folder whose sub-folders are the assets (``id`` = sub-folder name).
+        prompts_file: CSV (header with ``uid``/``id`` and ``prompt``/``caption``) or JSONL of the
+            same keys. Its prompt wins over ``<uid>/caption.txt``; a uid listed there without a
+            sub-folder becomes a ``missing_folder`` row, and a uid with neither a prompt nor a
+            ``caption.txt`` a ``missing_prompt`` row.
+
+    Yields:
+        ``{"id", "prompt", "path", "full"}`` (``path``: the sub-folder; ``full``: it resolved) in
+        sub-folder name order, then the prompts file's uids without a sub-folder; a row that cannot
+        be used has ``reason`` and ``error`` instead of ``full``. A symlinked sub-folder that leads
+        out of ``folder`` is ``outside_root``, never read.
+
+    Raises:
+        FileNotFoundError: ``folder`` or ``prompts_file`` does not exist (the input itself, not
+            one row, is wrong).
+    """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"render folder {folder}: not found")
-    refs, rejected = [], []
+        raise FileNotFoundError(f"render folder {folder}: not found or not a folder")
+    prompts: dict[str, str] = {}
+    if prompts_file is not None:
+        for line_no, row in read_table(prompts_file, ID_COLUMNS):
+            where = f"{Path(prompts_file).name}:{line_no}"
+            if "_error" in row:
+                yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: {row['_error']}"}
+                continue
+            uid, prompt = column_value(row, ID_COLUMNS), column_value(row, PROMPT_COLUMNS)
+            if not uid:
+                yield {"id": f"<{where}>", "reason": "invalid_row", "error": f"{where}: row has no uid/id"}
+            elif uid in prompts:
+                yield {"id": f"<{where}>", "reason": "duplicate_id", "error": f"{where}: uid {uid!r} appears earlier in {Path(prompts_file).name}; this row is ignored"}
+            else:
+                prompts[uid] = prompt
+
+    seen: set[str] = set()
     for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        caption_file = sub / "caption.txt"
-        caption = " ".join(caption_file.read_text(encoding="utf-8", errors="replace").split()) if caption_file.is_file() else ""
-        if not caption:
-            rejected.append(Rejection(sub.name, str(sub), "manifest", "missing_caption", f"{sub}: no caption.txt"))
+        uid = sub.name
+        seen.add(uid)
+        row: dict = {"id": uid, "path": str(sub)}
+        try:
+            real = resolve_under_root(folder, uid)
+        except AssetError as err:
+            yield {**row, "reason": err.reason, "error": f"{sub}: {err}"}
             continue
-        refs.append(AssetRef(uid=sub.name, kind="views", caption=caption, path=str(sub.resolve())))
+        prompt = prompts.get(uid)
+        if prompt is None:
+            caption_file = real / "caption.txt"
+            if not caption_file.is_file():
+                where = f" or in {prompts_file}" if prompts_file is not None else ""
+                yield {**row, "reason": "missing_prompt", "error": f"{sub}: no prompt (no caption.txt{where})"}
+                continue
+            try:
+                prompt = caption_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                yield {**row, "reason": "unreadable_prompt", "error": f"{caption_file}: cannot be read as UTF-8 text ({err})"}
+                continue
+        yield {**row, "prompt": " ".join(prompt.split()), "full": real}
+    for uid in prompts:
+        if uid in seen:
+            continue
+        row = {"id": uid, "prompt": " ".join(prompts[uid].split()), "path": str(folder / uid)}
+        try:
+            resolve_under_root(folder, uid)  # a uid like "../x" names no sub-folder of this input
+        except AssetError as err:
+            yield {**row, "reason": err.reason, "error": f"{prompts_file}: uid {uid!r}: {err}"}
+            continue
+        yield {**row, "reason": "missing_folder", "error": f"{folder / uid}: listed in {prompts_file} but no such sub-folder"}
+
+
+def scan_render_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:
+    """Every sub-folder ``<uid>/`` holding images, captioned by ``<uid>/caption.txt``
+    (:func:`render_dir_rows`), for ``data build``."""
+    refs, rejected = [], []
+    for row in render_dir_rows(folder):
+        if "error" in row:
+            rejected.append(Rejection(row["id"], row.get("path"), "manifest", row["reason"], row["error"]))
+        elif not row["prompt"]:
+            rejected.append(Rejection(row["id"], row["path"], "manifest", "empty_prompt", f"{row['path']}: caption.txt is empty"))
+        else:
+            refs.append(AssetRef(uid=row["id"], kind="views", caption=row["prompt"], path=str(row["full"])))
     return refs, rejected
 
 

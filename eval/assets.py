@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from coherendream.cameras import OrbitSpec
+from coherendream.cameras import OrbitSpec, camera_tensors
 from coherendream.io import write_bytes, write_json, write_jsonl
 
 
@@ -43,8 +43,7 @@ def render_gaussians(model, cameras: list, resolution: int, chunk: int = 8) -> l
     with torch.no_grad():
         for i in range(0, len(cameras), chunk):  # bounded memory for large camera sets
             part = cameras[i : i + chunk]
-            viewmats = torch.tensor(np.stack([c.viewmat for c in part]), dtype=torch.float32)
-            Ks = torch.tensor(np.stack([c.K for c in part]), dtype=torch.float32)
+            viewmats, Ks = camera_tensors(part)
             out = model.render(viewmats, Ks, resolution, resolution, backgrounds=torch.ones(len(part), 3))
             rgb = (out.rgb.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
             images += [Image.fromarray(v) for v in rgb]
@@ -123,55 +122,13 @@ def asset_views(path: Path, orbit: OrbitSpec, resolution: int, renderer=None) ->
 
 def asset_rows(manifest: str | Path, root: str | Path | None = None) -> Iterator[dict]:
     """The manifest's rows as ``{id, prompt, path, full}`` (``full``: the checked path under the
-    root), or ``{id, prompt, path, reason, error}`` for a row that cannot be used; nothing is
-    rendered yet (cheap, so every shard reads the whole manifest)."""
-    from coherendream.data.assets import AssetError
-    from coherendream.data.manifest import read_table, resolve_under_root
+    root), or ``{id, prompt, path, reason, error}`` for a row that cannot be used
+    (``coherendream.data.manifest.manifest_rows``); nothing is rendered yet (cheap, so every shard
+    reads the whole manifest)."""
+    from coherendream.data.manifest import manifest_rows
 
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        raise FileNotFoundError(f"manifest {manifest}: not found")
-    base = Path(root) if root is not None else manifest.parent
-    seen = set()
-    for line, row in read_table(manifest):
-        item_id = str(row.get("id") or row.get("uid") or "").strip() or f"{manifest.name}:{line}"
-        prompt = " ".join(str(row.get("prompt") or row.get("caption") or "").split())
-        rel = str(row.get("path") or "").strip()
-        base_item = {"id": item_id, "prompt": prompt, "path": rel}
-        if "_error" in row:
-            yield {**base_item, "reason": "invalid_row", "error": f"{manifest.name}:{line}: {row['_error']}"}
-            continue
-        if item_id in seen:
-            yield {**base_item, "reason": "duplicate_id", "error": f"{manifest.name}:{line}: id {item_id!r} appears earlier"}
-            continue
-        seen.add(item_id)
-        if not prompt:
-            yield {**base_item, "reason": "empty_prompt", "error": f"{manifest.name}:{line}: prompt is empty"}
-            continue
-        if not rel:
-            yield {**base_item, "reason": "missing_path", "error": f"{manifest.name}:{line}: no path"}
-            continue
-        try:
-            yield {**base_item, "full": resolve_under_root(base, rel)}
-        except AssetError as err:
-            yield {**base_item, "reason": err.reason, "error": str(err)}
-        except (OSError, ValueError) as err:
-            yield {**base_item, "reason": "unreadable", "error": f"{rel}: {err}"}
-
-
-def check_manifest(manifest: str | Path) -> None:
-    """Refuse, before any work, a manifest with no rows or without the columns every row needs
-    (``id``, ``path``, ``prompt``; ``uid`` and ``caption`` are accepted as their names)."""
-    from coherendream.data.manifest import read_table
-
-    rows = [row for _, row in read_table(manifest) if "_error" not in row]
-    if not rows:
-        raise ValueError(f"manifest {manifest}: no rows (expected columns id, path, prompt)")
-    keys = set().union(*rows)
-    missing = [name for name, accepted in (("path", ("path",)), ("prompt", ("prompt", "caption"))) if not keys & set(accepted)]
-    if missing:
-        raise ValueError(f"manifest {manifest}: no {' or '.join(repr(m) for m in missing)} column; its columns are "
-                         f"{', '.join(sorted(keys))} (expected id, path, prompt)")  # fmt: skip
+    for row in manifest_rows(manifest, root):
+        yield {k: row[k] for k in ("id", "prompt", "path", "full", "reason", "error") if k in row}
 
 
 def asset_items(rows: Iterable[dict], orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
@@ -221,12 +178,14 @@ def evaluate_assets(
     whether this call did.
     """
     from coherendream.critic.batch import score_items, split_results
-    from coherendream.eval.report import Report, image_grid_png, write_results
+    from coherendream.data.manifest import check_manifest
+    from coherendream.eval.report import Report, image_grid_png
+    from coherendream.io import write_results
     from coherendream.shards import map_in_chunks
 
     if not resolution >= 1:
         raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
-    check_manifest(manifest)
+    check_manifest(manifest)  # before any rendering: a manifest no row of which can be used
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     orbit = critic.config.orbit()  # the critic's own views: objects at the size it learned them

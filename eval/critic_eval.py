@@ -32,7 +32,7 @@ def evaluate_critic(
     """
     from coherendream.critic.batch import items_from_dataset, score_items, split_results
     from coherendream.eval.metrics import critic_report
-    from coherendream.eval.report import write_results
+    from coherendream.io import write_results
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

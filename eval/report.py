@@ -12,12 +12,11 @@ Plots are drawn on :class:`matplotlib.figure.Figure` objects with the Agg canvas
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from coherendream.grid import GridLayout, tile
-from coherendream.io import read_jsonl, write_json, write_text
+from coherendream.io import read_jsonl, table_columns, write_results, write_text
 
 __all__ = [
     "Report",
@@ -323,15 +322,6 @@ def _format_cell(v: Any, float_fmt: str) -> str:
     return str(v)
 
 
-def _columns_of(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None) -> list[str]:
-    if columns is not None:
-        return list(columns)
-    cols: dict[str, None] = {}
-    for r in rows:
-        cols.update(dict.fromkeys(map(str, r.keys())))
-    return list(cols)
-
-
 def html_table(
     rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, float_fmt: str = "{:.4g}"
 ) -> str:
@@ -343,7 +333,7 @@ def html_table(
         float_fmt: ``str.format`` pattern for floats; ``None`` prints empty, NaN prints ``NaN``,
             lists/dicts print as JSON.
     """
-    cols = _columns_of(rows, columns)
+    cols = table_columns(rows, columns)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = []
     for r in rows:
@@ -471,67 +461,3 @@ class Report:
 
 # ----------------------------------------------------------------------------- result files
 
-
-_FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-def _csv_cell(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, (dict, list, tuple)):
-        v = json.dumps(v, default=str)
-    if isinstance(v, str) and v.startswith(_FORMULA_PREFIXES):
-        # Untrusted text such as "=HYPERLINK(...)" would run as a formula in a spreadsheet;
-        # a leading apostrophe makes it inert (OWASP CSV-injection advice). Numbers are untouched.
-        return "'" + v
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None  # strict JSON has no NaN/Infinity
-    return v
-
-
-def write_results(
-    rows: Iterable[Mapping[str, Any]], path_stem: str | Path, columns: Sequence[str] | None = None
-) -> tuple[Path, Path]:
-    """Write result records as ``<stem>.json`` (a list of objects) and ``<stem>.csv``, atomically.
-
-    Args:
-        rows: records (dicts); numpy scalars/arrays are converted, NaN/inf become ``null`` in
-            JSON and empty cells in CSV.
-        path_stem: output path without extension (a trailing ``.json`` or ``.csv`` is dropped;
-            any other dot stays part of the name).
-        columns: CSV column order; default every key in order of first appearance. Nested
-            values are JSON-encoded in their CSV cell; text cells starting with ``= + - @`` get
-            a leading ``'`` so spreadsheets do not evaluate them.
-
-    Returns:
-        ``(json_path, csv_path)``.
-    """
-    rows = [_jsonable(dict(r)) for r in rows]
-    stem = Path(path_stem)
-    if stem.suffix in (".json", ".csv"):
-        stem = stem.with_suffix("")
-    # Appended rather than with_suffix, so a stem such as "run.v2" keeps its dot.
-    json_path, csv_path = stem.parent / f"{stem.name}.json", stem.parent / f"{stem.name}.csv"
-    cols = _columns_of(rows, columns)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({c: _csv_cell(r.get(c)) for c in cols})
-    write_json(json_path, rows)
-    write_text(csv_path, buf.getvalue())
-    return json_path, csv_path

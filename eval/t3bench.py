@@ -507,12 +507,8 @@ def run_t3bench(
     if dup:
         raise ValueError(f"prompt files share the set name(s) {dup} (the file stem); rename one")
 
-    from coherendream.eval.report import (
-        Report,
-        image_grid_png,
-        score_histogram,
-        write_results,
-    )
+    from coherendream.eval.report import Report, image_grid_png, score_histogram
+    from coherendream.io import write_results
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)

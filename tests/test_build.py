@@ -17,7 +17,8 @@ from PIL import Image
 from coherendream.config import from_dict
 from coherendream.data.build import BuildConfig, build_dataset, load_built_dataset
 from coherendream.data.export import export_llava
-from coherendream.data.procedural import caption_holds, parse_caption, sample_scene
+from coherendream.data.procedural import caption_holds, sample_scene
+from coherendream.vocabulary import parse_caption
 
 BASE = {"render": {"resolution": 48}, "chunk_size": 4, "progress": False, "splits": {"train": 0.6, "validation": 0.2, "test": 0.2}}
 
@@ -189,8 +190,8 @@ def test_manifest_with_bad_rows_keeps_the_good_ones(tmp_path):
         "missing": "missing_file",
         "escape": "outside_root",
         "link": "outside_root",
-        "nocap": "empty_caption",
-        "box": "duplicate_uid",
+        "nocap": "empty_prompt",
+        "<manifest.csv:14>": "duplicate_id",  # the second row with uid "box"
     }
     assert "secret.obj" not in json.dumps([r for r in rejected.values() if r["reason"] != "outside_root"])
     ds = load_built_dataset(tmp_path / "m")["train"]
@@ -320,4 +321,4 @@ def test_mesh_dir_source_with_sidecar_captions(tmp_path):
     ds = load_built_dataset(tmp_path / "md")["train"]
     assert set(ds["asset_id"]) == {"box", "ball", "cone"}
     rejected = {r["uid"]: r["reason"] for r in map(json.loads, (tmp_path / "md" / "rejected.jsonl").read_text().splitlines())}
-    assert rejected["can"] == "missing_caption" and rejected["nan"] == "missing_caption"
+    assert rejected["can"] == "missing_prompt" and rejected["nan"] == "missing_prompt"

@@ -190,8 +190,8 @@ def test_cli_protocol_commands(tmp_path, tiny):
 
 @pytest.mark.parametrize("name, text, why", [
     ("header.csv", "id,path,prompt\n", "no rows"),
-    ("other.csv", "id,file,text\na,box.glb,a cube\n", "no 'path' or 'prompt' column; its columns are file, id, text"),
-    ("other.jsonl", '{"id": "a", "path": "box.glb", "text": "a cube"}\n', "no 'prompt' column"),
+    ("other.csv", "id,file,description\na,box.glb,a cube\n", "no 'path' or 'prompt' column; its columns are description, file, id"),
+    ("other.jsonl", '{"id": "a", "path": "box.glb", "description": "a cube"}\n', "no 'prompt' column"),
 ])  # fmt: skip
 def test_eval_assets_refuses_a_manifest_it_cannot_use_before_writing(tmp_path, name, text, why):
     (tmp_path / name).write_text(text)

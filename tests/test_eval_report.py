@@ -22,9 +22,8 @@ from coherendream.eval.report import (
     score_histogram,
     to_png_bytes,
     training_curves,
-    write_results,
 )
-from coherendream.io import write_json, write_jsonl
+from coherendream.io import write_json, write_jsonl, write_results
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 EVIL = "<script>alert('x')</script>"
@@ -250,3 +249,8 @@ def test_write_results_json_and_csv(tmp_path):
     jp2, cp2 = write_results(rows[:1], tmp_path / "plain.json", columns=["method"])
     assert jp2.name == "plain.json" and cp2.read_text().splitlines() == ["method", "ours"]
     assert isinstance(jp2, Path)
+
+    (lines,) = write_results(rows, tmp_path / "lines", formats=("jsonl",))  # one object a line, same conversions
+    assert [json.loads(x) for x in lines.read_text().splitlines()] == data
+    with pytest.raises(ValueError, match="unknown output format"):
+        write_results(rows, tmp_path / "x", formats=("parquet",))
