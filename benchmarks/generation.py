@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from coherendream.cameras import Camera
+from coherendream.cameras import Camera, camera_tensors
 from coherendream.generation.rasterize import rasterize_gaussians, rasterize_gaussians_dense
 
 
@@ -76,8 +76,7 @@ def make_scene(num_gaussians: int, seed: int = 0) -> list[torch.Tensor]:
 
 def make_cameras(views: int, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
     cams = Camera.ring(views, 15.0, 2.5, 40.0, resolution)
-    vm = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32)
-    ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
+    vm, ks = camera_tensors(cams)
     return vm, ks
 
 

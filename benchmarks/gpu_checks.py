@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from coherendream.cameras import Camera
+from coherendream.cameras import Camera, camera_tensors
 
 
 def _scene(n: int, seed: int, device):
@@ -34,8 +34,7 @@ def check_rasterisers() -> bool:
     from coherendream.generation.rasterize import rasterize_gaussians
 
     cams = [Camera.orbit(a, 15.0, 2.5, 40.0, 64) for a in (0, 90, 180, 270)]
-    vm = torch.tensor([c.viewmat for c in cams], dtype=torch.float32, device="cuda")
-    ks = torch.tensor([c.K for c in cams], dtype=torch.float32, device="cuda")
+    vm, ks = camera_tensors(cams, device="cuda")
     scene = _scene(2000, 2, "cuda")
     results = {}
     for backend in ("gsplat", "torch"):

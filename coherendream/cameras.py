@@ -163,3 +163,27 @@ class OrbitSpec:
             el = rng.uniform(*self.elevation_range, size=self.random_views)
             return [Camera.orbit(float(a), float(e), self.distance, self.fov_y, resolution) for a, e in zip(az, el)]
         return [Camera.orbit(a, self.elevation, self.distance, self.fov_y, resolution) for a in self.azimuths]
+
+
+def camera_tensors(cameras: list[Camera], device=None, dtype=None):
+    """``(viewmats [N, 4, 4], Ks [N, 3, 3])`` torch tensors of ``cameras``: the world-to-camera
+    matrices and intrinsics that ``gsplat.rasterization`` (and the PyTorch rasteriser) take.
+    ``dtype`` defaults to float32. torch is imported here, not at module level, so that the mesh
+    renderer's users do not load it."""
+    import torch
+
+    dtype = dtype or torch.float32
+    viewmats = torch.tensor(np.stack([c.viewmat for c in cameras]), dtype=dtype, device=device)
+    Ks = torch.tensor(np.stack([c.K for c in cameras]), dtype=dtype, device=device)
+    return viewmats, Ks
+
+
+def scorer_orbit(scorer: object) -> OrbitSpec:
+    """The cameras a critic-like ``scorer`` judges views from: its ``config.orbit()`` (the orbit it
+    was trained on, see ``CriticConfig``), else the design's orbit with ``config.num_views``
+    azimuths evenly spaced from the front (4 without a config)."""
+    config = getattr(scorer, "config", None)
+    if callable(getattr(config, "orbit", None)):
+        return config.orbit()
+    num_views = getattr(config, "num_views", None)
+    return OrbitSpec(azimuths=ring_azimuths(int(num_views))) if num_views else OrbitSpec()

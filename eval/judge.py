@@ -2,8 +2,9 @@
 
 Inputs: ``methods = {name: folder}``; each folder holds, per prompt, ``<slug>/gaussians.ply`` or a
 folder of views (``<slug>/views/`` or ``<slug>/``; slugs and lookup as in
-``coherendream.eval.t3bench``). A PLY is rendered at V orbit views (azimuths evenly spaced from 0,
-V = the judge's ``num_views``); view folders give V evenly spaced images. A method whose asset is
+``coherendream.eval.t3bench``). A PLY is rendered from the judge's own orbit (the V cameras its
+critic was trained on, ``coherendream.cameras.scorer_orbit``) unless another is given; view
+folders give V evenly spaced images. A method whose asset is
 missing or broken for a prompt is recorded in ``errors.jsonl`` and skipped in that prompt's pairs.
 
 Two judging modes:
@@ -47,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from coherendream.cameras import OrbitSpec, scorer_orbit
 from coherendream.io import write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -150,9 +152,7 @@ def judge_methods(
     both_orders: bool = True,
     resolution: int = 256,
     batch_size: int = 8,
-    elevation: float = 15.0,
-    distance: float = 2.5,
-    fov_y: float = 40.0,
+    orbit: OrbitSpec | None = None,
     report_pairs: int = 4,
 ) -> dict[str, Any]:
     """Judge every pair of methods on every prompt and fit Elo ratings (module docstring).
@@ -169,7 +169,8 @@ def judge_methods(
         anchor: method fixed at Elo 1000 (default the first).
         n_bootstrap, seed: bootstrap resamples of the comparisons for the intervals, and its seed.
         both_orders: side-by-side only: also ask with the sides swapped and average.
-        resolution, elevation, distance, fov_y: the V orbit views rendered for a PLY.
+        resolution, orbit: the views rendered for a PLY; default the scorer's own orbit
+            (``coherendream.cameras.scorer_orbit``: the cameras it was trained on).
         report_pairs: how many (prompt, pair) images the HTML page shows.
 
     Returns:
@@ -182,10 +183,9 @@ def judge_methods(
     """
     from coherendream.critic.batch import score_items
     from coherendream.eval.elo import fit_elo
-    from coherendream.eval.report import Report, image_grid_png, write_results
+    from coherendream.eval.report import Report, image_grid_png
+    from coherendream.io import write_results
     from coherendream.eval.t3bench import EvalItemError, prompt_slugs, read_prompts
-
-    from coherendream.cameras import Camera
 
     methods = {str(k): Path(v) for k, v in methods.items()}
     if len(methods) < 2:
@@ -205,7 +205,7 @@ def judge_methods(
     # The side-by-side scorer is built first: a tokenizer without A/B fails before any rendering.
     judge = side_by_side_scorer(scorer) if mode == "side_by_side" else scorer
     v = int(scorer.config.num_views)
-    cams = Camera.ring(v, elevation, distance, fov_y, resolution)
+    cams = dataclasses.replace(orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

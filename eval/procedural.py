@@ -31,7 +31,6 @@ every method against ``sds``), and ``report.html``.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import time
@@ -42,8 +41,9 @@ from typing import Any
 
 import numpy as np
 
+from coherendream.cameras import OrbitSpec
 from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_prompt_set
-from coherendream.io import atomic_open, write_json
+from coherendream.io import write_json, write_results
 from coherendream.shards import resolve_shard, run_jobs
 
 __all__ = ["DEFAULT_METHODS", "ProceduralEvalConfig", "run_procedural_eval", "judge_generation", "summarise", "add_side_by_side"]
@@ -113,16 +113,18 @@ def _select(specs: list[PromptSpec], limit: int | None) -> list[PromptSpec]:
 # --------------------------------------------------------------------------------------------
 
 
-def judge_generation(model: Any, spec: PromptSpec, judge: Any, elevation: float = 15.0, distance: float = 2.5, fov: float = 40.0) -> dict[str, Any]:
-    """Ground-truth verdicts of a ``GaussianModel`` for ``spec`` from its renders (see the module docstring)."""
+def judge_generation(model: Any, spec: PromptSpec, judge: Any, orbit: OrbitSpec | None = None) -> dict[str, Any]:
+    """Ground-truth verdicts of a ``GaussianModel`` for ``spec`` from its renders (see the module
+    docstring) at ``orbit``'s elevation, distance and FoV (default: the design's orbit); the judge
+    always looks from azimuths 0/90/180/270 (front, right, back, left)."""
     import torch
 
     from coherendream.eval.image_judge import COUNT_MAX
-    from coherendream.generation.runner import OutputSettings, render_views
+    from coherendream.generation.runner import render_views
 
-    settings = OutputSettings(elevation=elevation, distance=distance, fov=fov)
+    orbit = dataclasses.replace(orbit or OrbitSpec(), azimuths=[0.0, 90.0, 180.0, 270.0], random_views=0)
     white = torch.ones(3, device=model.means.device)
-    views = render_views(model, [0.0, 90.0, 180.0, 270.0], settings, judge.resolution, white, "auto").cpu()
+    views = render_views(model, orbit, judge.resolution, white, "auto").cpu()
     groups = spec.caption.groups
     out: dict[str, Any] = {"object_color": None, "color_present": None, "shape": None, "count": None, "placement": None, "swapped": None}
     if len(groups) == 1:
@@ -211,12 +213,8 @@ def _fmt(x: Any) -> str:
 def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any], specs: list[PromptSpec], config: ProceduralEvalConfig) -> None:
     from coherendream.eval.report import Report
 
-    write_json(out / "results.json", rows)
     keys = ["method", "prompt_id", "category", "seed", "prompt", *METRICS, "color", "shape_seen", "count_seen", "colors_present", "object_colors", "steps", "seconds", "output_dir"]
-    with atomic_open(out / "results.csv") as f:
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
+    write_results(rows, out / "results", columns=keys)
     write_json(out / "summary.json", {**summary, "config": dataclasses.asdict(config), "jobs": len(rows)})
     flat = []
     for e in summary["table"]:
@@ -230,10 +228,7 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
             row["object colour minus sds"] = _fmt(e["object_color_minus_sds"])
             row["minus sds 95% CI"] = "" if not ci or ci[0] is None else f"{ci[0]:.3f}-{ci[1]:.3f}"
         flat.append(row)
-    with atomic_open(out / "categories.csv") as f:
-        w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in flat for k in r)))
-        w.writeheader()
-        w.writerows(flat)
+    write_results(flat, out / "categories", formats=("csv",))
 
     report = Report("Procedural text-to-3D benchmark")
     report.add_text(f"{len(specs)} prompts x {len(summary['methods'])} methods x {len(config.seeds)} seeds. Verdicts from renders "
@@ -302,7 +297,7 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
         cfg = configs[_job_id(method, spec, seed)]
         t0 = time.perf_counter()
         result = generate_fn(cfg, **_parts_for(cfg, parts))
-        verdict = judge_generation(result.model, spec, judge, cfg.outputs.elevation, cfg.outputs.distance, cfg.outputs.fov)
+        verdict = judge_generation(result.model, spec, judge, cfg.outputs.orbit)
         return {
             "method": method, "prompt_id": spec.id, "category": spec.category, "seed": seed, "prompt": spec.prompt,
             **verdict, "critic_prob_yes": (result.final_critic or {}).get("prob_yes"), "steps": cfg.steps,

@@ -5,7 +5,7 @@ Questions (:class:`Question`: ``question``, expected ``answer`` "yes"/"no", ``el
 
 * :class:`RuleQuestionGenerator` (offline, deterministic):
 
-  - a **procedural** prompt (``coherendream.data.procedural.parse_caption`` parses it, e.g. "a red
+  - a **procedural** prompt (``coherendream.vocabulary.parse_caption`` parses it, e.g. "a red
     cube to the left of a blue sphere") gets exact questions: per group its object ("Is there a
     cube?"), colour ("Is the cube red?"; "Is there a red cube?" when both groups share a shape),
     count ("Is there exactly one cube?" / "Are there two cubes?", counting every group of that
@@ -57,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from coherendream.cameras import OrbitSpec, scorer_orbit
 from coherendream.io import write_json, write_jsonl
 from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid
 
@@ -132,7 +133,7 @@ def _article(word: str) -> str:
 
 
 def _procedural_questions(cap: Any, contrast: bool) -> list[Question]:
-    from coherendream.data.procedural import PALETTE, RELATIONS, SHAPES
+    from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES
 
     groups = list(cap.groups)
     qs: list[Question] = []
@@ -272,7 +273,7 @@ def rule_questions(prompt: str, contrast: bool = True, max_questions: int | None
         contrast: add the expected-"no" contrast questions (procedural prompts only).
         max_questions: keep at most this many (the "yes" questions come first).
     """
-    from coherendream.data.procedural import parse_caption
+    from coherendream.vocabulary import parse_caption
 
     text = " ".join(str(prompt).split())
     if not text:
@@ -541,9 +542,7 @@ def run_tifa(
     threshold: float = 0.5,
     resolution: int = 256,
     batch_size: int = 8,
-    elevation: float = 15.0,
-    distance: float = 2.5,
-    fov_y: float = 40.0,
+    orbit: OrbitSpec | None = None,
 ) -> dict[str, Any]:
     """TIFA on existing outputs: questions, answers on V orbit views, scores, files.
 
@@ -557,10 +556,11 @@ def run_tifa(
         scorer: a question scorer (:func:`question_scorer` of a Critic, or anything alike).
         generator: ``generate(prompt) -> QuestionSet``; default :class:`RuleQuestionGenerator`.
         threshold: P(yes) threshold of a "yes".
-        resolution, elevation, distance, fov_y: the V orbit views (azimuths evenly spaced from 0,
-            V = ``scorer.config.num_views``) rendered for a PLY; a view folder is used as it is.
+        resolution, orbit: the views rendered for a PLY; default the scorer's own orbit
+            (``coherendream.cameras.scorer_orbit``: the cameras its critic was trained on). A view
+            folder is used as it is.
     """
-    from coherendream.eval.report import write_results
+    from coherendream.io import write_results
     from coherendream.eval.t3bench import (
         EvalItemError,
         group_images,
@@ -570,12 +570,10 @@ def run_tifa(
         resolve_output,
     )
 
-    from coherendream.cameras import Camera
-
     prompts, set_name = read_prompts(prompts)
     generator = generator or RuleQuestionGenerator()
     v = int(scorer.config.num_views)
-    cams = Camera.ring(v, elevation, distance, fov_y, resolution)
+    cams = dataclasses.replace(orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from coherendream.cameras import Camera, OrbitSpec
+from coherendream.cameras import Camera, OrbitSpec, camera_tensors
 
 __all__ = ["CameraBatch", "OrbitCameraSampler", "sample_orbit_cameras", "sample_jittered_orbit", "view_direction", "view_prompt"]
 
@@ -108,8 +108,7 @@ def _batch(cams: list[Camera], azimuths: np.ndarray, elevation: float, distance:
     n = len(cams)
     t = lambda x: torch.as_tensor(np.asarray(x), dtype=dtype, device=device)  # noqa: E731
     return CameraBatch(
-        viewmats=t(np.stack([c.viewmat for c in cams])),
-        Ks=t(np.stack([c.K for c in cams])),
+        **dict(zip(("viewmats", "Ks"), camera_tensors(cams, device, dtype))),
         c2w=t(np.stack([c.c2w for c in cams])),
         azimuths=t(azimuths),
         elevations=t(np.full(n, elevation)),

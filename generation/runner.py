@@ -27,6 +27,7 @@ Output folder layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from coherendream.cameras import Camera, OrbitSpec, ring_azimuths
+from coherendream.cameras import OrbitSpec, camera_tensors, ring_azimuths, scorer_orbit
 from coherendream.config import dump_yaml, to_dict
 from coherendream.generation.camera_sampler import OrbitCameraSampler, sample_jittered_orbit
 from coherendream.generation.gaussians import GaussianModel
@@ -46,6 +47,7 @@ from coherendream.generation.guidance import SDSConfig
 from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout, validate_layout
 from coherendream.generation.run_logger import REPORT_TO, RunLogger
 from coherendream.generation.tcsd import CriticTerm, StepGradients, TCSDConfig, reward_weighted_sds, tcsd_step
+from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 
 __all__ = [
@@ -60,7 +62,6 @@ __all__ = [
     "generate",
     "build_optimizer",
     "build_planner",
-    "eval_cameras",
     "score_model",
 ]
 
@@ -147,12 +148,12 @@ class CriticSettings:
 
 @dataclass
 class OutputSettings:
-    """Final renders: evaluation camera (elevation, distance, FoV), turntable frames and fps, and
-    whether to try an MP4 besides the GIF (only when imageio has an ffmpeg or pyav backend)."""
+    """Final renders: the orbit of the saved views (``views/az<deg>.png`` and a grid; its
+    elevation, distance and FoV also frame the turntable), their resolution (default: the
+    training resolution), turntable frames and fps, and whether to try an MP4 besides the GIF
+    (only when imageio has an ffmpeg or pyav backend)."""
 
-    elevation: float = 15.0
-    distance: float = 2.5
-    fov: float = 40.0
+    orbit: OrbitSpec = field(default_factory=OrbitSpec)
     resolution: int | None = None
     turntable_frames: int = 36
     turntable_fps: int = 12
@@ -289,20 +290,14 @@ def build_optimizer(model: GaussianModel, lr: LearningRates) -> torch.optim.Adam
     return torch.optim.Adam(groups, lr=lr.means, eps=1e-15)
 
 
-def eval_cameras(azimuths: list[float], settings: OutputSettings, resolution: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``viewmats [C, 4, 4]``, ``Ks [C, 3, 3]`` of fixed orbit cameras for outputs and scoring."""
-    cams = [Camera.orbit(float(a), settings.elevation, settings.distance, settings.fov, resolution) for a in azimuths]
-    vm = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32, device=device)
-    ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32, device=device)
-    return vm, ks
-
-
 @torch.no_grad()
-def render_views(model: GaussianModel, azimuths: list[float], settings: OutputSettings, resolution: int, background: torch.Tensor, backend: str, chunk: int = 8) -> torch.Tensor:
-    """``[C, 3, R, R]`` renders in [0, 1] at ``azimuths`` (degrees), ``chunk`` cameras at a time."""
+def render_views(model: GaussianModel, orbit: OrbitSpec, resolution: int, background: torch.Tensor, backend: str, chunk: int = 8) -> torch.Tensor:
+    """``[V, 3, R, R]`` renders in [0, 1] from the fixed cameras of ``orbit`` (its azimuths; not
+    its random views), ``chunk`` cameras at a time."""
+    cams = dataclasses.replace(orbit, random_views=0).cameras(resolution)
     out = []
-    for i in range(0, len(azimuths), chunk):
-        vm, ks = eval_cameras(azimuths[i : i + chunk], settings, resolution, model.means.device)
+    for i in range(0, len(cams), chunk):
+        vm, ks = camera_tensors(cams[i : i + chunk], model.means.device)
         out.append(model.render(vm, ks, resolution, resolution, backgrounds=background, backend=backend).rgb.permute(0, 3, 1, 2))
     return torch.cat(out).clamp(0.0, 1.0)
 
@@ -310,10 +305,9 @@ def render_views(model: GaussianModel, azimuths: list[float], settings: OutputSe
 @torch.no_grad()
 def score_model(model: GaussianModel, critic: Any, prompt: str, resolution: int, background: torch.Tensor, backend: str = "auto") -> dict[str, Any]:
     """The critic's ``margin`` and ``prob_yes`` of the model seen from the critic's own training
-    orbit (:func:`_critic_orbit`: the views it learned to judge), with that orbit."""
-    orbit = _critic_orbit(critic)
-    settings = OutputSettings(elevation=orbit.elevation, distance=orbit.distance, fov=orbit.fov_y)
-    views = render_views(model, list(orbit.azimuths), settings, resolution, background, backend)
+    orbit (``coherendream.cameras.scorer_orbit``: the views it learned to judge), with that orbit."""
+    orbit = scorer_orbit(critic)
+    views = render_views(model, orbit, resolution, background, backend)
     out = critic.score(views[None], [prompt])
     margin = float(out.margin.float().reshape(-1)[0])
     prob = float(out.prob_yes.float().reshape(-1)[0]) if hasattr(out, "prob_yes") else 1.0 / (1.0 + math.exp(-margin))
@@ -344,7 +338,7 @@ def _video_backend() -> str | None:
 
 
 def write_outputs(model: GaussianModel, config: GenerateConfig, out: Path, background: torch.Tensor, backend: str) -> tuple[dict[str, Path], list[str]]:
-    """PLY, PNG views at 0/90/180/270 (+ a 2x2 grid), turntable GIF (and MP4 when possible)."""
+    """PLY, PNG views from ``outputs.orbit`` (+ a grid of them), turntable GIF (and MP4 when possible)."""
     import imageio.v3 as iio
 
     paths: dict[str, Path] = {}
@@ -352,16 +346,18 @@ def write_outputs(model: GaussianModel, config: GenerateConfig, out: Path, backg
     res = config.outputs.resolution or config.resolution
     paths["ply"] = out / "gaussians.ply"
     model.export_ply(paths["ply"])
-    views = _to_uint8(render_views(model, [0.0, 90.0, 180.0, 270.0], config.outputs, res, background, backend))
-    for az, img in zip((0, 90, 180, 270), views):
-        paths[f"view_{az:03d}"] = out / "views" / f"az{az:03d}.png"
-        _save_png(paths[f"view_{az:03d}"], img)
-    grid = np.concatenate([np.concatenate(views[:2], axis=1), np.concatenate(views[2:], axis=1)], axis=0)
+    orbit = config.outputs.orbit
+    views = _to_uint8(render_views(model, orbit, res, background, backend))
+    for az, img in zip(orbit.azimuths, views):
+        key = f"view_{round(az) % 360:03d}"
+        paths[key] = out / "views" / f"az{round(az) % 360:03d}.png"
+        _save_png(paths[key], img)
     paths["grid"] = out / "views" / "grid.png"
-    _save_png(paths["grid"], grid)
+    _save_png(paths["grid"], tile(views, GridLayout.for_views(len(views))))
     n = config.outputs.turntable_frames
     if n > 0:
-        frames = _to_uint8(render_views(model, ring_azimuths(n), config.outputs, res, background, backend))
+        turntable = dataclasses.replace(orbit, azimuths=ring_azimuths(n), random_views=0)
+        frames = _to_uint8(render_views(model, turntable, res, background, backend))
         paths["gif"] = out / "turntable.gif"
         with atomic_path(paths["gif"]) as tmp:
             iio.imwrite(tmp, list(frames), extension=".gif", duration=1000.0 / config.outputs.turntable_fps, loop=0)
@@ -425,12 +421,6 @@ def _check_parts(config: GenerateConfig, critic: Any, guidance: Any) -> None:
         raise ValueError(f"mode {config.mode!r} needs a prior: set prior.pretrained_model_name_or_path (prior: none only works with mode tcsd)")
     if config.tcsd.critic.x0_straight_through and config.mode == "tcsd" and not has_prior:
         raise ValueError("tcsd.critic.x0_straight_through needs a prior (x0 is the prior's prediction); set it false with prior: none")
-
-
-def _critic_orbit(critic: Any) -> OrbitSpec:
-    """The cameras ``critic`` was trained on (its ``config.orbit()``), else the design's default orbit."""
-    config = getattr(critic, "config", None)
-    return config.orbit() if callable(getattr(config, "orbit", None)) else OrbitSpec()
 
 
 def _finite(step_out: StepGradients) -> bool:
@@ -530,7 +520,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     # The steps where the critic judges the step's views (every step of reward-weighted SDS) are
     # seen from the critic's own orbit when tcsd.critic.views is "orbit".
     critic_views_from_orbit = tc.views == "orbit" and (critic_term is not None or config.mode == "reward_weighted")
-    critic_orbit = _critic_orbit(critic) if critic_views_from_orbit else None
+    critic_orbit = scorer_orbit(critic) if critic_views_from_orbit else None
     stop = config.steps if config.max_steps_this_run is None else min(config.steps, start + config.max_steps_this_run)
     from tqdm.auto import tqdm
 

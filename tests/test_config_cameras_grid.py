@@ -127,3 +127,23 @@ def test_ring_spaces_the_views_evenly_from_the_front():
     for cam in ring:
         ref = Camera.orbit(cam.azimuth, 10.0, 2.0, 40.0, 32, 24)
         assert np.allclose(cam.c2w, ref.c2w) and (cam.width, cam.height) == (32, 24)
+
+
+def test_camera_tensors_and_the_scorers_orbit():
+    import torch
+
+    from coherendream.cameras import camera_tensors, scorer_orbit
+    from coherendream.critic.model import CriticConfig
+
+    cams = Camera.ring(3, 20.0, 3.0, 45.0, 32)
+    viewmats, Ks = camera_tensors(cams, dtype=torch.float64)
+    assert viewmats.shape == (3, 4, 4) and Ks.shape == (3, 3, 3) and viewmats.dtype == torch.float64
+    for k, cam in enumerate(cams):
+        assert np.allclose(viewmats[k].numpy(), np.linalg.inv(cam.c2w)) and np.allclose(Ks[k].numpy(), cam.K)
+    assert camera_tensors(cams)[0].dtype == torch.float32
+
+    trained = scorer_orbit(type("S", (), {"config": CriticConfig(num_views=6, view_elevation=30.0, view_distance=4.0)})())
+    assert trained.azimuths == [0.0, 60.0, 120.0, 180.0, 240.0, 300.0] and (trained.elevation, trained.distance) == (30.0, 4.0)
+    bare = scorer_orbit(type("S", (), {"config": type("C", (), {"num_views": 2})()})())  # a scorer without an orbit
+    assert bare.azimuths == [0.0, 180.0] and bare.elevation == OrbitSpec().elevation
+    assert scorer_orbit(object()) == OrbitSpec()

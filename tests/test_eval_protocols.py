@@ -498,3 +498,30 @@ def test_transformers_question_backend_with_fake_model():
     tok = FakeTokenizer(['{"questions": "nope"}'])
     qset = tifa.TransformersQuestionGenerator(model=FakeModel(), tokenizer=tok, max_attempts=2).generate(PROCEDURAL)
     assert qset.source == "fallback" and tok.calls == 2 and "must be a list" in qset.errors[0]
+
+
+@pytest.mark.parametrize("protocol", ["tifa", "judge"])
+def test_plys_are_rendered_from_the_scorers_own_orbit(tmp_path, protocol):
+    # A critic trained on views from distance 6 sees the object at (2.5/6)^2 of the area it covers
+    # from the default distance: the protocol must render with the scorer's orbit, not a fixed one.
+    slug = t3bench.prompt_slugs([PROCEDURAL])[0]
+    for name in ("a", "b"):
+        (tmp_path / name / slug).mkdir(parents=True)
+        _gaussians(1).export_ply(tmp_path / name / slug / "gaussians.ply")
+    coverage = {}
+    for distance in (2.5, 6.0):
+        seen = []
+
+        def foreground(views, question):
+            seen.append(np.mean([(np.asarray(v).min(axis=-1) < 240).mean() for v in views]))
+            return 0.5
+
+        scorer = StubScorer(foreground)
+        scorer.config = CriticConfig(view_distance=distance)
+        if protocol == "tifa":
+            tifa.run_tifa([PROCEDURAL], tmp_path / "a", tmp_path / f"tifa{distance}", scorer, resolution=48)
+        else:
+            judge_mod.judge_methods({"a": tmp_path / "a", "b": tmp_path / "b"}, [PROCEDURAL], tmp_path / f"judge{distance}",
+                                    scorer, n_bootstrap=0, resolution=48)  # fmt: skip
+        coverage[distance] = float(np.mean(seen))
+    assert 0 < coverage[6.0] < 0.4 * coverage[2.5]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from coherendream.cameras import Camera
+from coherendream.cameras import Camera, camera_tensors
 from coherendream.generation.gaussians import SH_C0, GaussianModel, read_ply_vertices
 from coherendream.generation.rasterize import spherical_harmonics
 
@@ -74,8 +74,7 @@ def test_render_and_gradients_reach_parameters():
     with torch.no_grad():
         m.quats.copy_(torch.randn(30, 4, generator=g))
     cams = [Camera.orbit(a, 10.0, 2.5, 40.0, 16) for a in (0.0, 180.0)]
-    vm = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=torch.float32)
-    ks = torch.tensor(np.stack([c.K for c in cams]), dtype=torch.float32)
+    vm, ks = camera_tensors(cams)
     out = m.render(vm, ks, 16, 16, backgrounds=torch.ones(3), backend="torch")
     assert out.rgb.shape == (2, 16, 16, 3) and out.alpha.max() > 0.3
     out.rgb.mean().backward()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from coherendream.cameras import Camera
+from coherendream.cameras import Camera, camera_tensors
 from coherendream.generation.camera_sampler import (
     OrbitCameraSampler,
     sample_orbit_cameras,
@@ -25,8 +25,7 @@ from coherendream.generation.rasterize import (
 
 
 def _cams(cams: list[Camera], dtype=torch.float64):
-    vm = torch.tensor(np.stack([c.viewmat for c in cams]), dtype=dtype)
-    ks = torch.tensor(np.stack([c.K for c in cams]), dtype=dtype)
+    vm, ks = camera_tensors(cams, dtype=dtype)
     return vm, ks
 
 
