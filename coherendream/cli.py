@@ -12,7 +12,14 @@ from typing import Annotated, Optional
 
 import typer
 
+from coherendream.cli_options import options_from
 from coherendream.config import ConfigError
+from coherendream.eval.assets import AssetsEvalConfig
+from coherendream.eval.critic_eval import CriticEvalConfig
+from coherendream.eval.judge import JudgeConfig
+from coherendream.eval.prior_eval import PriorEvalConfig
+from coherendream.eval.t3bench import T3BenchConfig
+from coherendream.eval.tifa import TifaConfig
 
 app = typer.Typer(help="CoherenDream: multimodal-LLM critics of text-to-3D alignment.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D assets.", no_args_is_help=True)
@@ -325,43 +332,29 @@ def _load_critic(model: Optional[str], adapter: Optional[Path] = None, dtype: Op
 
 
 ModelOption = Annotated[Optional[str], typer.Option(help="critic: hub id or local path (default: the embedded procedural critic)")]
+AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")]
 
 
 @eval_app.command("critic")
-def eval_critic(
-    dataset: Annotated[Path, typer.Option(help="a `data build` folder")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="folder for metrics.json, scores, report.html")],
-    model: ModelOption = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
-    split: Annotated[str, typer.Option(help="split to evaluate")] = "test",
-    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
-) -> None:
+@options_from(CriticEvalConfig, _fail)
+def eval_critic(config: CriticEvalConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
     """Accuracy, ROC-AUC, calibration (ECE, reliability diagram) and pairwise accuracy, per negative type."""
     from coherendream.eval.critic_eval import evaluate_critic, per_type_table
 
     try:
-        metrics = evaluate_critic(_load_critic(model, adapter), dataset, output, split=split, batch_size=batch_size)
+        metrics = evaluate_critic(_load_critic(model, adapter), config)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     o = metrics["overall"]
     typer.echo(f"{metrics['scored']} rows: accuracy {o['accuracy']:.3f}, ROC-AUC {o['roc_auc'] if o['roc_auc'] is None else round(o['roc_auc'], 3)}, ECE {o['ece']:.3f}")
     for row in per_type_table(metrics):
         typer.echo(f"  {row['negative type']:>14}: accuracy {row['accuracy']:.3f} (n={row['n']})")
-    typer.echo(f"report: {Path(output).resolve() / 'report.html'}")
+    typer.echo(f"report: {config.output_dir.resolve() / 'report.html'}")
 
 
 @eval_app.command("assets")
-def eval_assets(
-    manifest: Annotated[Path, typer.Option(help="CSV/JSONL with id, path, prompt (meshes, 3DGS PLYs or folders of views)")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="folder for scores, errors.jsonl, report.html")],
-    model: ModelOption = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
-    root: Annotated[Optional[Path], typer.Option(help="root of the manifest's paths (default: its folder)")] = None,
-    resolution: Annotated[int, typer.Option(help="render size of each view in pixels")] = 256,
-    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
-    num_shards: NumShards = None,
-    shard_index: ShardIndex = None,
-) -> None:
+@options_from(AssetsEvalConfig, _fail)
+def eval_assets(config: AssetsEvalConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
     """Render each asset with the toolkit's renderers and score it against its prompt.
 
     Finished chunks of assets are kept under the output folder: re-running resumes, and
@@ -370,14 +363,10 @@ def eval_assets(
     from coherendream.eval.assets import evaluate_assets
 
     try:
-        summary = evaluate_assets(_load_critic(model, adapter), manifest, output, root=root, resolution=resolution, batch_size=batch_size,
-                                  num_shards=num_shards, shard_index=shard_index)  # fmt: skip
+        summary = evaluate_assets(_load_critic(model, adapter), config)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    _end_scoring(summary, "assets", manifest, output, f"; report: {Path(output).resolve() / 'report.html'}")
-
-
-AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")]
+    _end_scoring(summary, "assets", config.manifest, config.output_dir, f"; report: {config.output_dir.resolve() / 'report.html'}")
 
 
 def _summary_line(summary: dict, output: Path) -> None:
@@ -387,35 +376,24 @@ def _summary_line(summary: dict, output: Path) -> None:
 
 
 @eval_app.command("t3bench")
+@options_from(T3BenchConfig, _fail)
 def eval_t3bench(
-    prompt_files: Annotated[list[Path], typer.Argument(help="T3Bench-style prompt files, one prompt a line (e.g. ../shared/bench/t3bench/prompt_multi.txt)")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")],
-    outputs_dir: Annotated[Optional[Path], typer.Option(help="existing generations: <dir>/<set>/<slug>/ or <dir>/<slug>/ with gaussians.ply or views")] = None,
-    generate_config: Annotated[Optional[Path], typer.Option(help="generate each prompt with this `generate` YAML instead")] = None,
+    config: T3BenchConfig,
     model: ModelOption = None,
     adapter: AdapterOption = None,
     vqa_model: Annotated[Optional[str], typer.Option(help="any LLaVA-family model for VQAScore-style P(yes) as a second alignment score")] = None,
-    level: Annotated[int, typer.Option(help="icosphere subdivision of the camera set (1: 42 views, 2: 162 as T3Bench)")] = 1,
-    resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
-    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
-    num_shards: NumShards = None,
-    shard_index: ShardIndex = None,
 ) -> None:
     """T3Bench-style protocol: alignment (critic, optional VQAScore) and a quality proxy, one table per prompt set.
 
     With --generate-config, processes given --num-shards/--shard-index (or started by torchrun or a
     SLURM array) share the generations; the last to finish scores them all. Re-running resumes.
     """
-    from coherendream.config import load_config
     from coherendream.eval.t3bench import make_vqa_scorer, run_t3bench
-    from coherendream.generation.runner import GenerateConfig
 
     try:
         critic = _load_critic(model, adapter)
         vqa = make_vqa_scorer(vqa_model, num_views=critic.config.num_views) if vqa_model else None
-        gen = load_config(GenerateConfig, generate_config) if generate_config else None
-        summary = run_t3bench(prompt_files, output, critic, vqa_scorer=vqa, outputs_dir=outputs_dir, generate_config=gen, level=level,
-                              resolution=resolution, batch_size=batch_size, num_shards=num_shards, shard_index=shard_index)  # fmt: skip
+        summary = run_t3bench(config, critic, vqa_scorer=vqa)
     except (ValueError, FileNotFoundError, ConfigError) as err:
         _fail(str(err))
     if not summary["merged"]:
@@ -426,63 +404,33 @@ def eval_t3bench(
     for name, v in summary["sets"].items():
         means = " ".join(f"{v['means'][k]:>16.3f}" if v["means"].get(k) is not None else f"{'':>16}" for k in keys)
         typer.echo(f"{name:>16} {v['scored']:>4} of {v['prompts']:<3} {means}")
-    typer.echo(f"results and reports in {Path(output).resolve()} (<set>/results.csv, <set>/report.html)")
+    typer.echo(f"results and reports in {config.output_dir.resolve()} (<set>/results.csv, <set>/report.html)")
 
 
 @eval_app.command("tifa")
-def eval_tifa(
-    prompt_file: Annotated[Path, typer.Argument(help="prompts, one a line")],
-    outputs_dir: Annotated[Path, typer.Option(help="generations: <dir>/<slug>/ with gaussians.ply or views")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")],
-    model: ModelOption = None,
-    adapter: AdapterOption = None,
-    questions: Annotated[str, typer.Option(help="question generator: rules, openai (any OpenAI-compatible endpoint) or transformers")] = "rules",
-    llm_model: Annotated[Optional[str], typer.Option(help="LLM for openai/transformers question generation")] = None,
-    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible endpoint, e.g. a local vLLM server")] = None,
-    resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
-    batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
-) -> None:
+@options_from(TifaConfig, _fail)
+def eval_tifa(config: TifaConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
     """TIFA-style protocol: yes/no questions from each prompt, answered by an MLLM on the renders."""
-    from coherendream.eval.tifa import OpenAIQuestionGenerator, RuleQuestionGenerator, TransformersQuestionGenerator, question_scorer, run_tifa
+    from coherendream.eval.tifa import question_scorer, run_tifa
 
     try:
-        if questions == "rules":
-            generator = RuleQuestionGenerator()
-        elif questions in ("openai", "transformers") and llm_model:
-            generator = OpenAIQuestionGenerator(llm_model, base_url=base_url) if questions == "openai" else TransformersQuestionGenerator(llm_model)
-        else:
-            raise ValueError(f"--questions {questions}: use rules, or openai/transformers with --llm-model")
-        summary = run_tifa(prompt_file, outputs_dir, output, question_scorer(_load_critic(model, adapter)), generator=generator, resolution=resolution, batch_size=batch_size)
+        summary = run_tifa(config, question_scorer(_load_critic(model, adapter)))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    _summary_line(summary, output)
+    _summary_line(summary, config.output_dir)
 
 
 @eval_app.command("judge")
-def eval_judge(
-    prompt_file: Annotated[Path, typer.Argument(help="prompts, one a line")],
-    method: Annotated[list[str], typer.Option(help="NAME=DIR, once per method (<DIR>/<slug>/ with gaussians.ply or views)")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="output folder")],
-    model: ModelOption = None,
-    adapter: AdapterOption = None,
-    mode: Annotated[str, typer.Option(help="single (compare P(yes) of each grid) or side_by_side (ask A or B)")] = "single",
-    anchor: Annotated[Optional[str], typer.Option(help="method fixed at Elo 1000 (default: the first)")] = None,
-    tie_margin: Annotated[float, typer.Option(help="|P_a - P_b| below this is a tie")] = 0.02,
-    resolution: Annotated[int, typer.Option(help="render size in pixels")] = 256,
-) -> None:
+@options_from(JudgeConfig, _fail)
+def eval_judge(config: JudgeConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
     """Pairwise MLLM judging of methods' renders per prompt, with maximum-likelihood Elo."""
-    from coherendream.eval.judge import judge_methods, side_by_side_scorer
+    from coherendream.eval.judge import judge_methods
 
     try:
-        pairs = dict(m.split("=", 1) for m in method if "=" in m)
-        if len(pairs) != len(method) or len(pairs) < 2:
-            raise ValueError("give at least two --method NAME=DIR with distinct names")
-        critic = _load_critic(model, adapter)
-        scorer = side_by_side_scorer(critic) if mode == "side_by_side" else critic
-        summary = judge_methods(pairs, prompt_file, output, scorer, mode=mode, tie_margin=tie_margin, anchor=anchor, resolution=resolution)
+        summary = judge_methods(config, _load_critic(model, adapter))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
-    _summary_line(summary, output)
+    _summary_line(summary, config.output_dir)
     if summary.get("note"):
         typer.echo(f"note: {summary['note']}")
 
@@ -521,23 +469,13 @@ def prior_sample(
 
 
 @eval_app.command("prior")
-def eval_prior(
-    output: Annotated[Path, typer.Option("--output", "-o", help="folder for metrics.json, samples.csv and sample grids")],
-    model: PriorOption = None,
-    samples_per_prompt: Annotated[int, typer.Option(help="samples of each single-object prompt")] = 8,
-    relation_prompts: Annotated[int, typer.Option(help="two-group prompts (never seen in training)")] = 40,
-    steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 5.0,
-    seed: Annotated[int, typer.Option(help="seed of the sampling noise")] = 4242,
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-) -> None:
+@options_from(PriorEvalConfig, _fail)
+def eval_prior(config: PriorEvalConfig) -> None:
     """Colour and shape of a prior's samples for procedural prompts, judged against real renders."""
-    from coherendream.eval.prior_eval import PriorEvalConfig, evaluate_prior
+    from coherendream.eval.prior_eval import evaluate_prior
 
     try:
-        cfg = PriorEvalConfig(model=model, output_dir=str(output), samples_per_prompt=samples_per_prompt, relation_prompts=relation_prompts,
-                              num_inference_steps=steps, guidance_scale=guidance_scale, seed=seed, device=device)  # fmt: skip
-        m = evaluate_prior(cfg)
+        m = evaluate_prior(config)
     except (OSError, ValueError) as err:
         _fail(str(err))
     s, r = m["single"], m["relation"]
@@ -548,7 +486,7 @@ def eval_prior(
                f"colours swapped {fmt(r['swapped_given_both_present'])} of samples with both")  # fmt: skip
     j = m["judge_on_real_renders"]
     typer.echo(f"the judge on real renders: colour {fmt(j['single_color'])}, shape {fmt(j['single_shape'])}, placement {fmt(j['relation_placement'])}")
-    typer.echo(f"-> {Path(output).resolve() / 'metrics.json'}")
+    typer.echo(f"-> {Path(config.output_dir).resolve() / 'metrics.json'}")
 
 
 @eval_app.command("procedural")

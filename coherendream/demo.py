@@ -38,7 +38,7 @@ def run_demo(config: DemoConfig) -> dict:
     from coherendream.config import from_dict, to_dict
     from coherendream.critic.model import Critic, default_critic_path
     from coherendream.data.build import BuildConfig, build_dataset
-    from coherendream.eval.critic_eval import evaluate_critic, per_type_table
+    from coherendream.eval.critic_eval import CriticEvalConfig, evaluate_critic, per_type_table
     from coherendream.eval.procedural import ProceduralEvalConfig, run_procedural_eval
 
     out = Path(config.output_dir)
@@ -59,7 +59,7 @@ def run_demo(config: DemoConfig) -> dict:
         "seed": config.eval_seed,
         "num_workers": config.num_workers,
     }))
-    metrics = evaluate_critic(critic, eval_set, out / "critic-eval", split="test")
+    metrics = evaluate_critic(critic, CriticEvalConfig(eval_set, out / "critic-eval", split="test"))
 
     print(f"[2/3] generating the first {config.prompts_per_category} prompt(s) of each benchmark category with {', '.join(config.methods)}")
     bench = ProceduralEvalConfig(

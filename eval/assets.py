@@ -17,6 +17,7 @@ its reason in ``errors.jsonl`` while the rest are scored.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.cameras import OrbitSpec, camera_tensors
+from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, progress_field, resolution_field, shard_index_field
 from coherendream.io import write_bytes, write_json, write_jsonl
 
 
@@ -157,25 +159,32 @@ def asset_items(rows: Iterable[dict], orbit: OrbitSpec | None = None, resolution
         yield {**item, "views": views}
 
 
-def evaluate_assets(
-    critic: Any,
-    manifest: str | Path,
-    output_dir: str | Path,
-    root: str | Path | None = None,
-    resolution: int = 256,
-    batch_size: int = 8,
-    progress: bool = True,
-    num_shards: int | None = None,
-    shard_index: int | None = None,
-    chunk_size: int = 64,
-) -> dict:
-    """Score every asset of ``manifest``; writes scores.{json,csv}, errors.jsonl, summary.json, report.html.
+@dataclass
+class AssetsEvalConfig:
+    """What ``eval assets`` scores and how; each field is also a command-line option."""
 
-    Assets are rendered and scored in chunks of ``chunk_size`` kept under ``output_dir/chunks``
-    (with each asset's views in ``output_dir/views``): a re-run resumes, and processes given
-    ``num_shards``/``shard_index`` (or started by torchrun or a SLURM array) share the chunks;
-    the one that finds them all done writes the results. ``merged`` in the returned summary says
-    whether this call did.
+    manifest: Path = field(metadata={"help": "CSV/JSONL with id, path, prompt (meshes, 3DGS PLYs or folders of views)"})
+    output_dir: Path = output_field("scores, errors.jsonl, report.html")
+    root: Path | None = field(default=None, metadata={"help": "root of the manifest's paths (default: its folder)"})
+    resolution: int = resolution_field()
+    batch_size: int = batch_size_field()
+    progress: bool = progress_field()
+    num_shards: int | None = num_shards_field()
+    shard_index: int | None = shard_index_field()
+    chunk_size: int = field(default=64, metadata={"help": "assets per kept chunk of work (resume and sharding unit)"})
+
+    def __post_init__(self) -> None:
+        check_common(self)
+
+
+def evaluate_assets(critic: Any, config: AssetsEvalConfig) -> dict:
+    """Score every asset of ``config.manifest``; writes scores.{json,csv}, errors.jsonl, summary.json, report.html.
+
+    Assets are rendered from the critic's own orbit and scored in chunks of ``chunk_size`` kept
+    under ``output_dir/chunks`` (with each asset's views in ``output_dir/views``): a re-run
+    resumes, and processes given ``num_shards``/``shard_index`` (or started by torchrun or a SLURM
+    array) share the chunks; the one that finds them all done writes the results. ``merged`` in
+    the returned summary says whether this call did.
     """
     from coherendream.critic.batch import score_items, split_results
     from coherendream.data.manifest import check_manifest
@@ -183,17 +192,15 @@ def evaluate_assets(
     from coherendream.io import write_results
     from coherendream.shards import map_in_chunks
 
-    if not resolution >= 1:
-        raise ValueError(f"resolution must be a positive number of pixels, got {resolution}")
+    manifest, root, resolution, out = config.manifest, config.root, config.resolution, config.output_dir
     check_manifest(manifest)  # before any rendering: a manifest no row of which can be used
-    out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     orbit = critic.config.orbit()  # the critic's own views: objects at the size it learned them
     rows = asset_rows(manifest, root=root)
 
     def score_chunk(chunk: list[dict], start: int) -> list[dict]:
         items = list(asset_items(chunk, orbit, resolution))
-        results = score_items(critic, items, batch_size=batch_size, progress=progress)
+        results = score_items(critic, items, batch_size=config.batch_size, progress=config.progress)
         for index, (item, r) in enumerate(zip(items, results), start):
             r.pop("views", None)
             if "views" in item and not r.get("error"):
@@ -202,7 +209,7 @@ def evaluate_assets(
         return results
 
     signature = {"manifest": str(Path(manifest).resolve()), "root": str(root), "resolution": resolution, "orbit": dataclasses.asdict(orbit)}
-    run = map_in_chunks(rows, score_chunk, out / "chunks", chunk_size, num_shards, shard_index, signature)
+    run = map_in_chunks(rows, score_chunk, out / "chunks", config.chunk_size, config.num_shards, config.shard_index, signature)
     if not run.merged:
         return {"merged": False, "chunks": run.chunks, "chunks_done": run.done, "chunks_skipped": run.skipped}
     scored, errors = split_results(run.rows)

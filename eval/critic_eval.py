@@ -8,23 +8,34 @@ the worst mistakes as image grids, a reliability diagram and score histograms, a
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from coherendream.eval.protocol import batch_size_field, check_common, output_field, progress_field
 from coherendream.io import write_json, write_jsonl
 
 
-def evaluate_critic(
-    critic: Any,
-    dataset_dir: str | Path,
-    output_dir: str | Path,
-    split: str = "test",
-    batch_size: int = 8,
-    threshold: float = 0.5,
-    num_examples: int = 8,
-    progress: bool = True,
-) -> dict:
-    """Score ``split`` of a built dataset with ``critic`` and write the evaluation.
+@dataclass
+class CriticEvalConfig:
+    """What ``eval critic`` measures and where it writes; each field is also a command-line option."""
+
+    dataset_dir: Path = field(metadata={"help": "a `data build` folder", "flags": ("--dataset",)})
+    output_dir: Path = output_field("metrics.json, scores, report.html")
+    split: str = field(default="test", metadata={"help": "split to evaluate"})
+    batch_size: int = batch_size_field()
+    threshold: float = field(default=0.5, metadata={"help": "P(yes) at or above which a row counts as a yes"})
+    num_examples: int = field(default=8, metadata={"help": "largest mistakes shown in the report"})
+    progress: bool = progress_field()
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}")
+
+
+def evaluate_critic(critic: Any, config: CriticEvalConfig) -> dict:
+    """Score ``config.split`` of a built dataset with ``critic`` and write the evaluation.
 
     Returns:
         The metrics dict (also in ``metrics.json``): ``critic_report``'s fields plus
@@ -34,18 +45,18 @@ def evaluate_critic(
     from coherendream.eval.metrics import critic_report
     from coherendream.io import write_results
 
-    out = Path(output_dir)
+    dataset_dir, split, out = config.dataset_dir, config.split, config.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = score_items(critic, items_from_dataset(dataset_dir, split), batch_size=batch_size, progress=progress)
+    results = score_items(critic, items_from_dataset(dataset_dir, split), batch_size=config.batch_size, progress=config.progress)
     scored, errors = split_results(results)
     write_jsonl(out / "errors.jsonl", errors)
     if not scored:
         raise ValueError(f"{dataset_dir} split {split!r}: no row could be scored ({len(errors)} errors, see {out / 'errors.jsonl'})")
-    metrics = critic_report(scored, threshold=threshold)
+    metrics = critic_report(scored, threshold=config.threshold)
     metrics.update({"split": split, "dataset": str(dataset_dir), "scored": len(scored), "errors": len(errors)})
     write_results(scored, out / "scores", columns=["id", "pair_id", "negative_type", "label", "prob_yes", "margin", "prompt"])
     write_json(out / "metrics.json", metrics)
-    _write_report(metrics, scored, dataset_dir, split, out / "report.html", num_examples)
+    _write_report(metrics, scored, dataset_dir, split, out / "report.html", config.num_examples)
     return metrics
 
 

@@ -30,10 +30,9 @@ Outputs in ``output_dir``: ``comparisons.jsonl`` (one line per judged pair and p
 ``ratings.json`` (the :class:`EloResult` as a dict) and ``ratings.csv``, ``errors.jsonl``,
 ``summary.json`` and ``report.html`` (ratings table, a few side-by-side grids).
 
-CLI (wired in ``coherendream.cli``): ``coherendream eval judge PROMPT_FILE --method NAME=DIR
---method NAME=DIR [...] --output-dir DIR [--critic PATH] [--adapter PATH] [--vqa-model PATH]
-[--mode single|side_by_side] [--tie-margin 0.02] [--anchor NAME] [--bootstrap 200] [--seed 0]
-[--resolution 256] [--batch-size 8] [--report-pairs 4]``.
+CLI: ``coherendream eval judge PROMPT_FILE --method NAME=DIR --method NAME=DIR -o DIR``; its options
+are :class:`JudgeConfig`'s fields, plus ``--model``/``--adapter`` for the critic
+(``coherendream eval judge --help``).
 """
 
 from __future__ import annotations
@@ -42,13 +41,15 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coherendream.cameras import OrbitSpec, scorer_orbit
+from coherendream.eval.protocol import batch_size_field, check_common, output_field, resolution_field
 from coherendream.io import write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -139,74 +140,74 @@ def _load_method_views(folder: Path, slug: str, set_name: str | None, cams: list
     return views
 
 
-def judge_methods(
-    methods: Mapping[str, str | Path],
-    prompts: Sequence[str] | str | Path,
-    output_dir: str | Path,
-    scorer: Any,
-    mode: str = "single",
-    tie_margin: float = 0.02,
-    anchor: str | None = None,
-    n_bootstrap: int = 200,
-    seed: int = 0,
-    both_orders: bool = True,
-    resolution: int = 256,
-    batch_size: int = 8,
-    orbit: OrbitSpec | None = None,
-    report_pairs: int = 4,
-) -> dict[str, Any]:
+@dataclass
+class JudgeConfig:
+    """What ``eval judge`` compares and how; each field is also a command-line option."""
+
+    prompt_file: Path = field(metadata={"help": "prompts, one a line", "argument": True})
+    methods: list[str] = field(metadata={"help": "NAME=DIR, once per method (<DIR>/<slug>/ with gaussians.ply or views)", "flags": ("--method",)})
+    output_dir: Path = output_field("comparisons.jsonl, ratings.{json,csv}, errors.jsonl, summary.json, report.html")
+    mode: str = field(default="single", metadata={"help": "single (compare P(yes) of each grid) or side_by_side (ask A or B)"})
+    tie_margin: float = field(default=0.02, metadata={"help": "scores differing by less than this are a tie"})
+    anchor: str | None = field(default=None, metadata={"help": "method fixed at Elo 1000 (default: the first)"})
+    n_bootstrap: int = field(default=200, metadata={"help": "bootstrap resamples of the comparisons for the Elo intervals"})
+    seed: int = field(default=0, metadata={"help": "seed of the bootstrap"})
+    both_orders: bool = field(default=True, metadata={"help": "side by side: also ask with the sides swapped and average"})
+    resolution: int = resolution_field()
+    batch_size: int = batch_size_field()
+    report_pairs: int = field(default=4, metadata={"help": "(prompt, pair) images shown in the HTML page"})
+    orbit: OrbitSpec | None = field(default=None, metadata={"cli": False, "help": "cameras for PLYs (default: the scorer's own orbit)"})
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        self.prompt_file = Path(self.prompt_file)
+        pairs = [m.split("=", 1) for m in self.methods]
+        if any(len(p) != 2 or not p[0] or not p[1] for p in pairs) or len({p[0] for p in pairs}) != len(pairs) or len(pairs) < 2:
+            raise ValueError(f"methods: give at least two --method NAME=DIR with distinct names, got {list(self.methods)}")
+        if self.mode not in ("single", "side_by_side"):
+            raise ValueError(f"mode must be 'single' or 'side_by_side', got {self.mode!r}")
+        if self.tie_margin < 0:
+            raise ValueError(f"tie_margin must be >= 0, got {self.tie_margin}")
+        names = [p[0] for p in pairs]
+        if self.anchor is not None and self.anchor not in names:
+            raise ValueError(f"anchor {self.anchor!r} is not one of the methods {names}")
+
+    def method_dirs(self) -> dict[str, Path]:
+        """``{name: folder}`` in the order given (the first is "a" in a pair, and the default anchor)."""
+        return {name: Path(folder) for name, folder in (m.split("=", 1) for m in self.methods)}
+
+
+def judge_methods(config: JudgeConfig, scorer: Any) -> dict[str, Any]:
     """Judge every pair of methods on every prompt and fit Elo ratings (module docstring).
 
     Args:
-        methods: ``{name: folder}``, at least two; order sets which method is "a" in a pair.
-        prompts: a prompt file (one per line) or a list of prompts.
-        output_dir: result files (module docstring).
+        config: the methods, prompts, mode and output folder.
         scorer: ``"single"``: a Critic-like scorer asking the alignment question (``score(views,
             prompts) -> .prob_yes``, ``config.num_views``); ``"side_by_side"``: a :class:`Critic`
             (its model is reused through :func:`side_by_side_scorer`).
-        mode: ``"single"`` or ``"side_by_side"``.
-        tie_margin: ``>= 0``; a tie when the two methods' scores differ by less.
-        anchor: method fixed at Elo 1000 (default the first).
-        n_bootstrap, seed: bootstrap resamples of the comparisons for the intervals, and its seed.
-        both_orders: side-by-side only: also ask with the sides swapped and average.
-        resolution, orbit: the views rendered for a PLY; default the scorer's own orbit
-            (``coherendream.cameras.scorer_orbit``: the cameras it was trained on).
-        report_pairs: how many (prompt, pair) images the HTML page shows.
 
     Returns:
         The summary (also ``summary.json``): ``ratings`` table rows, ``comparisons``, ``errors``,
         ``mode``, ``tie_margin``, ``anchor``, files.
 
     Raises:
-        ValueError: fewer than two methods, an unknown mode/anchor, no comparison possible, or (side
-            by side) a tokenizer without single-token A/B.
+        ValueError: no comparison possible, or (side by side) a tokenizer without single-token A/B.
+        FileNotFoundError: a method's folder is missing.
     """
-    from coherendream.critic.batch import score_items
-    from coherendream.eval.elo import fit_elo
-    from coherendream.eval.report import Report, image_grid_png
-    from coherendream.io import write_results
     from coherendream.eval.t3bench import EvalItemError, prompt_slugs, read_prompts
 
-    methods = {str(k): Path(v) for k, v in methods.items()}
-    if len(methods) < 2:
-        raise ValueError(f"judging needs at least two methods, got {list(methods)}")
+    methods = config.method_dirs()
     missing = [f"{k}={v}" for k, v in methods.items() if not v.is_dir()]
     if missing:
         raise FileNotFoundError(f"method folder(s) not found: {missing}")
-    if mode not in ("single", "side_by_side"):
-        raise ValueError(f"mode must be 'single' or 'side_by_side', got {mode!r}")
-    if tie_margin < 0:
-        raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
-    anchor = anchor or next(iter(methods))
-    if anchor not in methods:
-        raise ValueError(f"anchor {anchor!r} is not one of the methods {list(methods)}")
-    prompts, set_name = read_prompts(prompts)
+    anchor = config.anchor or next(iter(methods))
+    prompts, set_name = read_prompts(config.prompt_file)
 
     # The side-by-side scorer is built first: a tokenizer without A/B fails before any rendering.
-    judge = side_by_side_scorer(scorer) if mode == "side_by_side" else scorer
+    judge = side_by_side_scorer(scorer) if config.mode == "side_by_side" else scorer
     v = int(scorer.config.num_views)
-    cams = dataclasses.replace(orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
-    out = Path(output_dir)
+    cams = dataclasses.replace(config.orbit or scorer_orbit(scorer), random_views=0).cameras(config.resolution)
+    out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -216,67 +217,89 @@ def judge_methods(
     for prompt, slug in zip(prompts, slugs):
         for name, folder in methods.items():
             try:
-                views[(slug, name)] = _load_method_views(folder, slug, set_name, cams, resolution, v)
+                views[(slug, name)] = _load_method_views(folder, slug, set_name, cams, config.resolution, v)
             except EvalItemError as err:
                 errors.append({"slug": slug, "prompt": prompt, "method": name, "reason": err.reason, "error": str(err)})
             except ValueError as err:
                 errors.append({"slug": slug, "prompt": prompt, "method": name, "reason": "invalid_views", "error": f"{name}/{slug}: {err}"})
 
-    pairs = list(itertools.combinations(methods, 2))
-    comparisons: list[dict] = []
-    images_for_report: list[tuple[Any, str]] = []
-    if mode == "single":
-        items = [{"id": f"{slug}|{name}", "views": views[(slug, name)], "prompt": prompt, "_slug": slug, "_method": name}
-                 for prompt, slug in zip(prompts, slugs) for name in methods if (slug, name) in views]
-        score: dict[tuple[str, str], float] = {}
-        for r in score_items(judge, items, batch_size=batch_size, progress=False):
-            if r.get("error"):
-                errors.append({"slug": r["_slug"], "prompt": r.get("prompt"), "method": r["_method"],
-                               "reason": r.get("reason"), "error": r["error"]})
-            else:
-                score[(r["_slug"], r["_method"])] = float(r["prob_yes"])
-        for prompt, slug in zip(prompts, slugs):
-            for a, b in pairs:
-                if (slug, a) in score and (slug, b) in score:
-                    pa, pb = score[(slug, a)], score[(slug, b)]
-                    comparisons.append({"slug": slug, "prompt": prompt, "method_a": a, "method_b": b, "p_a": pa, "p_b": pb,
-                                        "diff": pa - pb, "outcome": pair_outcome(pa, pb, tie_margin), "mode": mode})
-                    if len(images_for_report) < report_pairs:
-                        images_for_report.append((side_by_side_image(views[(slug, a)], views[(slug, b)]),
-                                                  f"{slug}: A={a} ({pa:.3f}) vs B={b} ({pb:.3f}) -> {comparisons[-1]['outcome']}"))
-    else:
-        items, meta = [], []
-        for prompt, slug in zip(prompts, slugs):
-            for a, b in pairs:
-                if (slug, a) not in views or (slug, b) not in views:
-                    continue
-                orders = [(a, b), (b, a)] if both_orders else [(a, b)]
-                for left, right in orders:
-                    img = side_by_side_image(views[(slug, left)], views[(slug, right)])
-                    items.append({"id": f"{slug}|{left}|{right}", "views": [img], "prompt": prompt})
-                    meta.append((prompt, slug, a, b, left == a, img))
-        results = score_items(judge, items, batch_size=batch_size, progress=False)
-        acc: dict[tuple[str, str, str], list[float]] = {}
-        shown: dict[tuple[str, str, str], Any] = {}
-        for r, (prompt, slug, a, b, a_left, img) in zip(results, meta):
-            if r.get("error"):
-                errors.append({"slug": slug, "prompt": prompt, "method": f"{a} vs {b}", "reason": r.get("reason"), "error": r["error"]})
-                continue
-            p_left = float(r["prob_yes"])  # P("A") = P(left better)
-            acc.setdefault((slug, a, b), []).append(p_left if a_left else 1.0 - p_left)
-            shown.setdefault((slug, a, b), img)
-        for prompt, slug in zip(prompts, slugs):
-            for a, b in pairs:
-                ps = acc.get((slug, a, b))
-                if not ps:
-                    continue
-                pa = float(np.mean(ps))
-                comparisons.append({"slug": slug, "prompt": prompt, "method_a": a, "method_b": b, "p_a": pa, "p_b": 1.0 - pa,
-                                    "diff": 2.0 * pa - 1.0, "orders": len(ps),
-                                    "outcome": pair_outcome(pa, 1.0 - pa, tie_margin), "mode": mode})
-                if len(images_for_report) < report_pairs:
-                    images_for_report.append((shown[(slug, a, b)], f"{slug}: A={a} vs B={b}: P({a} better) = {pa:.3f} -> {comparisons[-1]['outcome']}"))
+    compare = _compare_single if config.mode == "single" else _compare_side_by_side
+    comparisons, images_for_report = compare(judge, views, list(zip(prompts, slugs)), list(methods), config, errors)
+    return _write_judgement(config, comparisons, errors, images_for_report, anchor, list(methods), len(prompts), t0)
 
+
+def _compare_single(judge: Any, views: dict, prompts: list[tuple[str, str]], methods: list[str], config: JudgeConfig,
+                    errors: list[dict]) -> tuple[list[dict], list[tuple[Any, str]]]:  # fmt: skip
+    """Each method's grid scored once; for each pair the higher P(yes) wins (a tie within the margin)."""
+    from coherendream.critic.batch import score_items
+
+    items = [{"id": f"{slug}|{name}", "views": views[(slug, name)], "prompt": prompt, "_slug": slug, "_method": name}
+             for prompt, slug in prompts for name in methods if (slug, name) in views]  # fmt: skip
+    score: dict[tuple[str, str], float] = {}
+    for r in score_items(judge, items, batch_size=config.batch_size, progress=False):
+        if r.get("error"):
+            errors.append({"slug": r["_slug"], "prompt": r.get("prompt"), "method": r["_method"], "reason": r.get("reason"), "error": r["error"]})
+        else:
+            score[(r["_slug"], r["_method"])] = float(r["prob_yes"])
+    comparisons, images = [], []
+    for prompt, slug in prompts:
+        for a, b in itertools.combinations(methods, 2):
+            if (slug, a) in score and (slug, b) in score:
+                pa, pb = score[(slug, a)], score[(slug, b)]
+                comparisons.append({"slug": slug, "prompt": prompt, "method_a": a, "method_b": b, "p_a": pa, "p_b": pb,
+                                    "diff": pa - pb, "outcome": pair_outcome(pa, pb, config.tie_margin), "mode": config.mode})  # fmt: skip
+                if len(images) < config.report_pairs:
+                    images.append((side_by_side_image(views[(slug, a)], views[(slug, b)]),
+                                   f"{slug}: A={a} ({pa:.3f}) vs B={b} ({pb:.3f}) -> {comparisons[-1]['outcome']}"))  # fmt: skip
+    return comparisons, images
+
+
+def _compare_side_by_side(judge: Any, views: dict, prompts: list[tuple[str, str]], methods: list[str], config: JudgeConfig,
+                          errors: list[dict]) -> tuple[list[dict], list[tuple[Any, str]]]:  # fmt: skip
+    """Both grids in one image, the model asked A or B (in both orders when ``both_orders``)."""
+    from coherendream.critic.batch import score_items
+
+    items, meta = [], []
+    for prompt, slug in prompts:
+        for a, b in itertools.combinations(methods, 2):
+            if (slug, a) not in views or (slug, b) not in views:
+                continue
+            for left, right in [(a, b), (b, a)] if config.both_orders else [(a, b)]:
+                img = side_by_side_image(views[(slug, left)], views[(slug, right)])
+                items.append({"id": f"{slug}|{left}|{right}", "views": [img], "prompt": prompt})
+                meta.append((prompt, slug, a, b, left == a, img))
+    acc: dict[tuple[str, str, str], list[float]] = {}
+    shown: dict[tuple[str, str, str], Any] = {}
+    for r, (prompt, slug, a, b, a_left, img) in zip(score_items(judge, items, batch_size=config.batch_size, progress=False), meta):
+        if r.get("error"):
+            errors.append({"slug": slug, "prompt": prompt, "method": f"{a} vs {b}", "reason": r.get("reason"), "error": r["error"]})
+            continue
+        p_left = float(r["prob_yes"])  # P("A") = P(left better)
+        acc.setdefault((slug, a, b), []).append(p_left if a_left else 1.0 - p_left)
+        shown.setdefault((slug, a, b), img)
+    comparisons, images = [], []
+    for prompt, slug in prompts:
+        for a, b in itertools.combinations(methods, 2):
+            ps = acc.get((slug, a, b))
+            if not ps:
+                continue
+            pa = float(np.mean(ps))
+            comparisons.append({"slug": slug, "prompt": prompt, "method_a": a, "method_b": b, "p_a": pa, "p_b": 1.0 - pa,
+                                "diff": 2.0 * pa - 1.0, "orders": len(ps), "outcome": pair_outcome(pa, 1.0 - pa, config.tie_margin),
+                                "mode": config.mode})  # fmt: skip
+            if len(images) < config.report_pairs:
+                images.append((shown[(slug, a, b)], f"{slug}: A={a} vs B={b}: P({a} better) = {pa:.3f} -> {comparisons[-1]['outcome']}"))
+    return comparisons, images
+
+
+def _write_judgement(config: JudgeConfig, comparisons: list[dict], errors: list[dict], images_for_report: list[tuple[Any, str]],
+                     anchor: str, methods: list[str], num_prompts: int, t0: float) -> dict[str, Any]:  # fmt: skip
+    """Elo from the comparisons, and every output file (module docstring); returns the summary."""
+    from coherendream.eval.elo import fit_elo
+    from coherendream.eval.report import Report, image_grid_png
+    from coherendream.io import write_results
+
+    out, mode, tie_margin, n_bootstrap, seed = config.output_dir, config.mode, config.tie_margin, config.n_bootstrap, config.seed
     write_jsonl(out / "comparisons.jsonl", comparisons)
     write_jsonl(out / "errors.jsonl", errors)
     if not comparisons:
@@ -306,7 +329,7 @@ def judge_methods(
     if ratings["ci"] is not None:
         ratings["ci"] = {m: (None if m in few else v) for m, v in ratings["ci"].items()}
     write_json(out / "ratings.json", ratings)
-    summary = {"mode": mode, "tie_margin": tie_margin, "anchor": anchor, "methods": list(methods), "prompts": len(prompts),
+    summary = {"mode": mode, "tie_margin": tie_margin, "anchor": anchor, "methods": methods, "prompts": num_prompts,
                "comparisons": len(comparisons), "ties": sum(c["outcome"] == "tie" for c in comparisons),
                "errors": len(errors), "ratings": rows, "note": note, "seconds": round(time.perf_counter() - t0, 3),
                "files": {"comparisons": str(out / "comparisons.jsonl"), "ratings_json": str(out / "ratings.json"),
@@ -314,7 +337,7 @@ def judge_methods(
     write_json(out / "summary.json", summary)
 
     report = Report("Pairwise judging with Elo")
-    report.add_text(f"Mode {mode}; {len(comparisons)} comparisons over {len(prompts)} prompts; tie when the scores differ by "
+    report.add_text(f"Mode {mode}; {len(comparisons)} comparisons over {num_prompts} prompts; tie when the scores differ by "
                     f"less than {tie_margin}. Elo by maximum likelihood (scale 400), {anchor} anchored at 1000, "
                     f"{n_bootstrap} bootstrap resamples for the intervals.")
     if note:

@@ -22,15 +22,14 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from coherendream.data.procedural import sample_scene
-from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption
 from coherendream.io import atomic_open, atomic_path, write_json
+from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption
 
 __all__ = ["PriorEvalConfig", "evaluate_prior", "single_prompts", "relation_prompts"]
 
@@ -39,24 +38,19 @@ _FRONT_RELATIONS = ("left_of", "right_of", "on_top_of")
 
 @dataclass
 class PriorEvalConfig:
-    """Settings of ``coherendream eval prior``.
+    """Settings of ``coherendream eval prior``; each field is also a command-line option."""
 
-    ``model``: a prior folder or hub id (None = the embedded prior). ``seed``: the sampling noise;
-    ``prompt_seed``: the procedural draw of the two-group prompts. Sampling: DDIM with
-    ``num_inference_steps`` and classifier-free guidance ``guidance_scale``.
-    """
-
-    model: str | None = None
-    output_dir: str = "outputs/eval/prior"
-    samples_per_prompt: int = 8
-    relation_prompts: int = 40
-    samples_per_relation_prompt: int = 4
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
-    seed: int = 4242
-    prompt_seed: int = 310_000
-    batch_size: int = 100
-    device: str = "cpu"
+    model: str | None = field(default=None, metadata={"help": "prior: diffusers pipeline folder or hub id (default: the embedded prior)"})
+    output_dir: str = field(default="outputs/eval/prior", metadata={"help": "folder for metrics.json, samples.csv and sample grids", "flags": ("--output", "-o")})
+    samples_per_prompt: int = field(default=8, metadata={"help": "samples of each single-object prompt"})
+    relation_prompts: int = field(default=40, metadata={"help": "two-group prompts (never seen in training)"})
+    samples_per_relation_prompt: int = field(default=4, metadata={"help": "samples of each two-group prompt"})
+    num_inference_steps: int = field(default=50, metadata={"help": "DDIM steps", "flags": ("--steps",)})
+    guidance_scale: float = field(default=5.0, metadata={"help": "classifier-free guidance scale"})
+    seed: int = field(default=4242, metadata={"help": "seed of the sampling noise"})
+    prompt_seed: int = field(default=310_000, metadata={"help": "seed of the procedural draw of the two-group prompts"})
+    batch_size: int = field(default=100, metadata={"help": "images per sampling batch"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "num_inference_steps", "batch_size"):
@@ -73,6 +67,8 @@ def single_prompts() -> list[SceneCaption]:
 
 def relation_prompts(n: int, seed: int, exclude: set[str] = frozenset()) -> list[SceneCaption]:
     """``n`` distinct two-group captions with two colours in a front-visible relation, none in ``exclude``."""
+    from coherendream.data.procedural import sample_scene  # the mesh stack loads only when prompts are drawn
+
     out: dict[str, SceneCaption] = {}
     s = seed
     while len(out) < n:

@@ -46,10 +46,9 @@ replaced by ``_``, trimmed to ``max_len`` (80) characters (``prompt`` if nothing
 already taken in the same file gets ``_2``, ``_3``, ... in file order. So ``outputs_dir`` folders
 for a prompt file are predictable, filesystem-safe and unique.
 
-CLI (wired in ``coherendream.cli``): ``coherendream eval t3bench PROMPT_FILE... --output-dir DIR
-(--outputs-dir DIR | --generate-config YAML [key=value ...]) [--critic PATH] [--adapter PATH]
-[--vqa-model PATH] [--level 1] [--radius 2.2] [--fov 40] [--resolution 256] [--batch-size 8]
-[--report-grids 4]``.
+CLI: ``coherendream eval t3bench PROMPT_FILE... -o DIR (--outputs-dir DIR | --generate-config YAML)``;
+its options are :class:`T3BenchConfig`'s fields, plus ``--model``/``--adapter`` for the critic and
+``--vqa-model`` (``coherendream eval t3bench --help``).
 """
 
 from __future__ import annotations
@@ -60,12 +59,14 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from coherendream.cameras import Camera
+from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, resolution_field, shard_index_field
 from coherendream.io import write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -453,55 +454,65 @@ def _generate_shard(sets: list[tuple[Path, list[str]]], out: Path, generate_conf
     return None if run.records is None else {(job[0], job[2]): run.records[job_id(job)] for job in jobs}
 
 
-def run_t3bench(
-    prompt_files: Sequence[str | Path],
-    output_dir: str | Path,
-    critic: Any,
-    vqa_scorer: Any = None,
-    outputs_dir: str | Path | None = None,
-    generate_config: Any = None,
-    level: int = 1,
-    radius: float = 2.2,
-    fov_y: float = 40.0,
-    resolution: int = 256,
-    batch_size: int = 8,
-    report_grids: int = 4,
-    generate_fn: Callable | None = None,
-    num_shards: int | None = None,
-    shard_index: int | None = None,
-) -> dict[str, Any]:
+@dataclass
+class T3BenchConfig:
+    """What ``eval t3bench`` scores and how; each field is also a command-line option."""
+
+    prompt_files: list[Path] = field(metadata={"help": "T3Bench-style prompt files, one prompt a line (e.g. ../shared/bench/t3bench/prompt_multi.txt)", "argument": True})
+    output_dir: Path = output_field("<set>/results.{json,csv}, <set>/errors.jsonl, <set>/report.html, summary.json")
+    outputs_dir: Path | None = field(default=None, metadata={"help": "existing generations: <dir>/<set>/<slug>/ or <dir>/<slug>/ with gaussians.ply or views"})
+    generate_config: Path | None = field(default=None, metadata={"help": "generate each prompt with this `generate` YAML instead"})
+    level: int = field(default=1, metadata={"help": "icosphere subdivision of the camera set (1: 42 views, 2: 162 as T3Bench)"})
+    radius: float = field(default=2.2, metadata={"help": "distance of the icosphere cameras (T3Bench: 2.2)"})
+    fov_y: float = field(default=40.0, metadata={"help": "vertical field of view of the cameras, degrees"})
+    resolution: int = resolution_field()
+    batch_size: int = batch_size_field()
+    report_grids: int = field(default=4, metadata={"help": "prompts per set whose first view group the HTML page shows"})
+    num_shards: int | None = num_shards_field()
+    shard_index: int | None = shard_index_field()
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        self.prompt_files = [Path(f) for f in self.prompt_files]
+        if self.generate_config is not None:
+            self.generate_config = Path(self.generate_config)
+        if (self.outputs_dir is None) == (self.generate_config is None):
+            raise ValueError("give exactly one of outputs_dir (existing outputs) and generate_config (generate them)")
+        if not self.prompt_files:
+            raise ValueError("no prompt files given")
+
+
+def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, generate_fn: Callable | None = None) -> dict[str, Any]:
     """Run the T3Bench-style protocol (module docstring) on one or more prompt files.
 
     Args:
-        prompt_files: text files, one prompt per line (e.g. ``../shared/bench/t3bench/prompt_multi.txt``).
-            All are read first: an empty or missing file fails before any work.
-        output_dir: gets ``<set>/results.{json,csv}``, ``<set>/errors.jsonl``, ``<set>/report.html``
-            and ``summary.json``.
+        config: the prompt files (all read first: an empty or missing file fails before any work),
+            the output folder, and exactly one of ``outputs_dir`` (existing outputs) and
+            ``generate_config`` (a ``generate`` YAML used as the template of every prompt's run).
+            When generating, this process makes every ``num_shards``-th asset
+            (``coherendream.shards``: else torchrun's ``RANK``/``WORLD_SIZE`` or a SLURM array);
+            finished generations are marked under ``output_dir/generation_jobs`` and skipped on a
+            re-run, and the process that finds them all done scores and writes.
         critic: the alignment scorer (a :class:`Critic`; ``score(views, prompts)`` and ``config.num_views``).
         vqa_scorer: optional second scorer (:func:`make_vqa_scorer`), reported as ``alignment_vqa``.
-        outputs_dir / generate_config: exactly one: existing outputs, or a ``GenerateConfig`` template.
-        level, radius, fov_y, resolution: icosphere cameras and render size (pixels, square).
-        batch_size: groups per forward pass.
-        report_grids: how many prompts per set get their first group's grid in the HTML page.
         generate_fn: replaces ``generation.runner.generate`` (tests, or a custom generator); takes a
             config, returns an object with ``paths`` (``"ply"``) and ``output_dir``.
-        num_shards, shard_index: when generating, this process makes every ``num_shards``-th
-            asset (``coherendream.shards``: else torchrun's ``RANK``/``WORLD_SIZE`` or a SLURM
-            array); finished generations are marked under ``output_dir/generation_jobs`` and
-            skipped on a re-run, and the process that finds them all done scores and writes.
 
     Returns:
         The summary written to ``summary.json``: per set ``prompts``, ``scored``, ``errors``, the
         mean of each score column, and the files; ``merged`` is False (nothing scored yet) while
         other shards still generate.
     """
-    if (outputs_dir is None) == (generate_config is None):
-        raise ValueError("give exactly one of outputs_dir (existing outputs) and generate_config (generate them)")
-    if outputs_dir is not None and not Path(outputs_dir).is_dir():
+    outputs_dir, level, radius, fov_y, resolution, batch_size = config.outputs_dir, config.level, config.radius, config.fov_y, config.resolution, config.batch_size
+    if outputs_dir is not None and not outputs_dir.is_dir():
         raise FileNotFoundError(f"outputs_dir {outputs_dir}: not a folder")
-    if not prompt_files:
-        raise ValueError("no prompt files given")
-    sets = [(Path(f), read_prompt_file(f)) for f in prompt_files]
+    generate_config = None
+    if config.generate_config is not None:
+        from coherendream.config import load_config
+        from coherendream.generation.runner import GenerateConfig
+
+        generate_config = load_config(GenerateConfig, config.generate_config)
+    sets = [(f, read_prompt_file(f)) for f in config.prompt_files]
     names = [f.stem for f, _ in sets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -510,11 +521,11 @@ def run_t3bench(
     from coherendream.eval.report import Report, image_grid_png, score_histogram
     from coherendream.io import write_results
 
-    out = Path(output_dir)
+    out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     generated = None
     if generate_config is not None:
-        generated = _generate_shard(sets, out, generate_config, generate_fn, num_shards, shard_index)
+        generated = _generate_shard(sets, out, generate_config, generate_fn, config.num_shards, config.shard_index)
         if generated is None:
             return {"merged": False}
     cameras = icosphere_cameras(level, radius, fov_y, resolution)
@@ -595,7 +606,7 @@ def run_t3bench(
         if kept:
             report.add_image(score_histogram({"critic": [r["alignment_critic"] for r in kept]}, title="critic alignment P(yes)"),
                              caption="critic alignment over prompts")
-        for row in kept[: max(0, report_grids)]:
+        for row in kept[: max(0, config.report_grids)]:
             g = views_of[row["slug"]]
             report.add_image(image_grid_png(g, cols=math.ceil(math.sqrt(len(g)))),
                              caption=f"{row['slug']}: {row['prompt']!r} -- alignment {row['alignment_critic']:.3f}")

@@ -37,10 +37,9 @@ answer is "yes" when P(yes) >= ``threshold`` (0.5). Scores (:func:`tifa_scores`)
 accuracy (correct answers / questions), the mean over prompts (TIFA's score), and per element type
 the accuracy over all questions of that type (micro average) with its count.
 
-CLI (wired in ``coherendream.cli``): ``coherendream eval tifa PROMPT_FILE --outputs-dir DIR
---output-dir DIR [--critic PATH] [--adapter PATH] [--questions rules|openai|transformers]
-[--llm-model NAME] [--base-url URL] [--api-key-env OPENAI_API_KEY] [--max-questions 12]
-[--max-attempts 2] [--threshold 0.5] [--resolution 256] [--batch-size 8]``.
+CLI: ``coherendream eval tifa PROMPT_FILE --outputs-dir DIR -o DIR``; its options are
+:class:`TifaConfig`'s fields, plus ``--model``/``--adapter`` for the answering critic
+(``coherendream eval tifa --help``).
 """
 
 from __future__ import annotations
@@ -58,6 +57,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.cameras import OrbitSpec, scorer_orbit
+from coherendream.eval.protocol import batch_size_field, check_common, output_field, resolution_field
 from coherendream.io import write_json, write_jsonl
 from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid
 
@@ -533,32 +533,56 @@ def tifa_scores(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_tifa(
-    prompts: Sequence[str] | str | Path,
-    outputs_dir: str | Path,
-    output_dir: str | Path,
-    scorer: Any,
-    generator: Any = None,
-    threshold: float = 0.5,
-    resolution: int = 256,
-    batch_size: int = 8,
-    orbit: OrbitSpec | None = None,
-) -> dict[str, Any]:
-    """TIFA on existing outputs: questions, answers on V orbit views, scores, files.
+@dataclass
+class TifaConfig:
+    """What ``eval tifa`` asks and where it writes; each field is also a command-line option."""
+
+    prompt_file: Path = field(metadata={"help": "prompts, one a line", "argument": True})
+    outputs_dir: Path = field(metadata={"help": "generations: <dir>/<slug>/ (or <dir>/<file stem>/<slug>/) with gaussians.ply or views"})
+    output_dir: Path = output_field("questions.jsonl, answers.jsonl, scores.{json,csv}, summary.json, errors.jsonl")
+    questions: str = field(default="rules", metadata={"help": "question generator: rules, openai (any OpenAI-compatible endpoint) or transformers"})
+    llm_model: str | None = field(default=None, metadata={"help": "LLM for openai/transformers question generation"})
+    base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. a local vLLM server"})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "environment variable holding the endpoint's API key"})
+    max_questions: int | None = field(default=None, metadata={"help": f"most questions per prompt (default: all the rules make, {DEFAULT_MAX_QUESTIONS} from an LLM)"})
+    max_attempts: int = field(default=2, metadata={"help": "LLM answers tried per prompt before the rules take over"})
+    threshold: float = field(default=0.5, metadata={"help": "P(yes) at or above which an answer is yes"})
+    resolution: int = resolution_field()
+    batch_size: int = batch_size_field()
+    orbit: OrbitSpec | None = field(default=None, metadata={"cli": False, "help": "cameras for PLYs (default: the scorer's own orbit)"})
+
+    def __post_init__(self) -> None:
+        check_common(self)
+        self.prompt_file = Path(self.prompt_file)
+        if self.questions not in ("rules", "openai", "transformers"):
+            raise ValueError(f"questions must be rules, openai or transformers, got {self.questions!r}")
+        if self.questions != "rules" and not self.llm_model:
+            raise ValueError(f"questions={self.questions} needs llm_model (--llm-model)")
+        if not 0 < self.threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
+
+    def question_generator(self) -> Any:
+        """The generator ``questions`` names, with this config's limits."""
+        if self.questions == "rules":
+            return RuleQuestionGenerator(max_questions=self.max_questions)
+        limits = {"max_questions": self.max_questions or DEFAULT_MAX_QUESTIONS, "max_attempts": self.max_attempts}
+        if self.questions == "openai":
+            return OpenAIQuestionGenerator(self.llm_model, base_url=self.base_url, api_key_env=self.api_key_env, **limits)
+        return TransformersQuestionGenerator(self.llm_model, **limits)
+
+
+def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str, Any]:
+    """TIFA on existing outputs: questions, answers on the V views, scores, files.
 
     Args:
-        prompts: a prompt file (one per line) or a list of prompts; slugs as in
-            :func:`coherendream.eval.t3bench.prompt_slugs`.
-        outputs_dir: ``<slug>/gaussians.ply`` or views per prompt (see ``t3bench.resolve_output``;
-            with a prompt file, ``<outputs_dir>/<file stem>/<slug>`` is tried first).
-        output_dir: gets ``questions.jsonl`` (every question set, with its source and errors),
-            ``answers.jsonl``, ``scores.{json,csv}`` (per prompt), ``summary.json``, ``errors.jsonl``.
+        config: the prompts (slugs as in :func:`coherendream.eval.t3bench.prompt_slugs`), where the
+            generations are (``<slug>/gaussians.ply`` or views, see ``t3bench.resolve_output``;
+            ``<outputs_dir>/<file stem>/<slug>`` is tried first), the output folder, the question
+            generator and the threshold of a "yes". PLYs are rendered from ``config.orbit``, by
+            default the scorer's own orbit (``coherendream.cameras.scorer_orbit``: the cameras its
+            critic was trained on); a view folder is used as it is.
         scorer: a question scorer (:func:`question_scorer` of a Critic, or anything alike).
-        generator: ``generate(prompt) -> QuestionSet``; default :class:`RuleQuestionGenerator`.
-        threshold: P(yes) threshold of a "yes".
-        resolution, orbit: the views rendered for a PLY; default the scorer's own orbit
-            (``coherendream.cameras.scorer_orbit``: the cameras its critic was trained on). A view
-            folder is used as it is.
+        generator: ``generate(prompt) -> QuestionSet``; default ``config.question_generator()``.
     """
     from coherendream.io import write_results
     from coherendream.eval.t3bench import (
@@ -570,11 +594,12 @@ def run_tifa(
         resolve_output,
     )
 
-    prompts, set_name = read_prompts(prompts)
-    generator = generator or RuleQuestionGenerator()
+    prompts, set_name = read_prompts(config.prompt_file)
+    generator = generator or config.question_generator()
+    outputs_dir, threshold, resolution, batch_size = config.outputs_dir, config.threshold, config.resolution, config.batch_size
     v = int(scorer.config.num_views)
-    cams = dataclasses.replace(orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
-    out = Path(output_dir)
+    cams = dataclasses.replace(config.orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
+    out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     items, errors, qsets = [], [], []

@@ -16,8 +16,8 @@ from coherendream.config import from_dict
 from coherendream.critic.model import Critic
 from coherendream.critic.tiny import build_tiny_critic
 from coherendream.data.build import BuildConfig, build_dataset, load_built_dataset
-from coherendream.eval.assets import evaluate_assets
-from coherendream.eval.critic_eval import evaluate_critic
+from coherendream.eval.assets import AssetsEvalConfig, evaluate_assets
+from coherendream.eval.critic_eval import CriticEvalConfig, evaluate_critic
 from coherendream.generation.gaussians import GaussianModel
 
 
@@ -36,7 +36,7 @@ def dataset(tmp_path_factory):
 
 def test_eval_critic_metrics_match_direct_scoring(tmp_path, tiny, dataset):
     critic = Critic.from_pretrained(tiny)
-    metrics = evaluate_critic(critic, dataset, tmp_path / "ev", split="test", progress=False)
+    metrics = evaluate_critic(critic, CriticEvalConfig(dataset, tmp_path / "ev", split="test", progress=False))
     rows = load_built_dataset(dataset)["test"]
     with torch.no_grad():
         probs = critic.score(list(rows["views"]), rows["caption"]).prob_yes.numpy()
@@ -89,7 +89,7 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps({"id": i, "path": p, "prompt": t}) + "\n" for i, p, t in rows))
     critic = Critic.from_pretrained(tiny)
-    summary = evaluate_assets(critic, manifest, tmp_path / "out", resolution=32, progress=False)
+    summary = evaluate_assets(critic, AssetsEvalConfig(manifest, tmp_path / "out", resolution=32, progress=False))
     assert summary["scored"] == 3 and summary["errors"] == 5
     errors = {e["id"]: e["reason"] for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
     assert errors == {"nan": "non_finite", "odd": "view_size_mismatch", "missing": "missing_file", "noprompt": "empty_prompt", "escape": "outside_root"}
@@ -99,7 +99,7 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     assert "data:image/png;base64" in (tmp_path / "out" / "report.html").read_text()
 
     # Split over two shards in chunks of 3 assets: the second to finish merges the same results.
-    halves = [evaluate_assets(critic, manifest, tmp_path / "split", resolution=32, progress=False, num_shards=2, shard_index=i, chunk_size=3) for i in (0, 1)]
+    halves = [evaluate_assets(critic, AssetsEvalConfig(manifest, tmp_path / "split", resolution=32, progress=False, num_shards=2, shard_index=i, chunk_size=3)) for i in (0, 1)]
     assert not halves[0]["merged"] and halves[1] == {**summary, "merged": True}
     split = json.loads((tmp_path / "split" / "scores.json").read_text())
     assert [(s["id"], round(s["prob_yes"], 5)) for s in split] == [(s["id"], round(s["prob_yes"], 5)) for s in scores]
@@ -122,7 +122,7 @@ def test_eval_assets_renders_from_the_critics_training_orbit(tmp_path):
 
     def foreground(config):
         critic = Recorder(config)
-        evaluate_assets(critic, tmp_path / "m.jsonl", tmp_path / f"out{config.view_distance}", resolution=32, progress=False)
+        evaluate_assets(critic, AssetsEvalConfig(tmp_path / "m.jsonl", tmp_path / f"out{config.view_distance}", resolution=32, progress=False))
         views = np.stack([np.asarray(v, dtype=float)[..., :3] for v in critic.views[0]])
         return (views.min(-1) < 250).mean()
 
@@ -196,5 +196,26 @@ def test_cli_protocol_commands(tmp_path, tiny):
 def test_eval_assets_refuses_a_manifest_it_cannot_use_before_writing(tmp_path, name, text, why):
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=why):
-        evaluate_assets(None, tmp_path / name, tmp_path / "out", progress=False)
+        evaluate_assets(None, AssetsEvalConfig(tmp_path / name, tmp_path / "out", progress=False))
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, config_cls", [
+    ("critic", "coherendream.eval.critic_eval:CriticEvalConfig"), ("assets", "coherendream.eval.assets:AssetsEvalConfig"),
+    ("t3bench", "coherendream.eval.t3bench:T3BenchConfig"), ("tifa", "coherendream.eval.tifa:TifaConfig"),
+    ("judge", "coherendream.eval.judge:JudgeConfig"), ("prior", "coherendream.eval.prior_eval:PriorEvalConfig"),
+])  # fmt: skip
+def test_eval_commands_take_their_options_from_the_protocol_config(command, config_cls):
+    import dataclasses
+    import importlib
+
+    module, name = config_cls.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    res = CliRunner().invoke(app, ["eval", command, "--help"], env={"COLUMNS": "400", "TERM": "dumb"})
+    assert res.exit_code == 0, res.output
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) is False or f.metadata.get("argument"):
+            continue
+        flag = f.metadata.get("flags", (f"--{f.name.replace('_', '-')}",))[0]
+        assert flag in res.output, (command, f.name)
+        assert " ".join(f.metadata["help"].split()[:3]) in " ".join(res.output.split()), (command, f.name)

@@ -77,7 +77,7 @@ def test_prompt_files_and_slugs(tmp_path):
     with pytest.raises(ValueError, match="prompt_empty.txt.*no prompts"):
         t3bench.read_prompt_file(empty)
     with pytest.raises(ValueError, match="prompt_empty.txt"):
-        t3bench.run_t3bench([empty], tmp_path / "out", critic=StubScorer(lambda v, q: 0.5), outputs_dir=tmp_path)
+        t3bench.run_t3bench(t3bench.T3BenchConfig([empty], tmp_path / "out", outputs_dir=tmp_path), StubScorer(lambda v, q: 0.5))
     slugs = t3bench.prompt_slugs(["A red cube!", "a red cube", "../../etc/passwd", "", "x" * 200])
     assert slugs[:2] == ["a_red_cube", "a_red_cube_2"]
     assert len(set(slugs)) == len(slugs)
@@ -136,8 +136,8 @@ def test_t3bench_on_existing_outputs(tmp_path, tiny_critic):
     _nan_ply(outputs / slugs[4] / "gaussians.ply")
 
     vqa = StubScorer(lambda v, q: 0.25, num_views=9)
-    summary = t3bench.run_t3bench([pfile], tmp_path / "out", tiny_critic, vqa_scorer=vqa, outputs_dir=outputs,
-                                  level=1, resolution=32, batch_size=16, report_grids=2)
+    summary = t3bench.run_t3bench(t3bench.T3BenchConfig([pfile], tmp_path / "out", outputs_dir=outputs, level=1, resolution=32, batch_size=16,
+                                                        report_grids=2), tiny_critic, vqa_scorer=vqa)  # fmt: skip
     s = summary["sets"]["prompt_tiny"]
     assert (s["prompts"], s["scored"], s["errors"]) == (5, 3, 2)
     errors = {e["slug"]: e for e in map(json.loads, (tmp_path / "out/prompt_tiny/errors.jsonl").read_text().splitlines())}
@@ -160,7 +160,6 @@ def test_t3bench_on_existing_outputs(tmp_path, tiny_critic):
 
 
 def test_t3bench_generates_with_template(tmp_path):
-    from coherendream.generation.runner import GenerateConfig
 
     pfile = tmp_path / "prompt_gen.txt"
     pfile.write_text("a red cube\na blue sphere\n")
@@ -178,20 +177,22 @@ def test_t3bench_generates_with_template(tmp_path):
         _gaussians(1).export_ply(Path(config.output_dir) / "gaussians.ply")
         return Result(config.output_dir)
 
-    summary = t3bench.run_t3bench([pfile], tmp_path / "out", StubScorer(lambda v, q: 0.7), generate_config=GenerateConfig(steps=7),
-                                  generate_fn=fake_generate, level=0, resolution=24)
+    template = tmp_path / "generate.yaml"
+    template.write_text("steps: 7\n")
+    summary = t3bench.run_t3bench(t3bench.T3BenchConfig([pfile], tmp_path / "out", generate_config=template, level=0, resolution=24),
+                                  StubScorer(lambda v, q: 0.7), generate_fn=fake_generate)  # fmt: skip
     assert [p for p, _, _ in seen] == ["a red cube", "a blue sphere"] and {n for _, _, n in seen} == {7}
     assert seen[0][1] == str(tmp_path / "out/prompt_gen/generations/a_red_cube")
     assert summary["sets"]["prompt_gen"]["scored"] == 1 and summary["sets"]["prompt_gen"]["means"]["alignment_critic"] == pytest.approx(0.7)
     err = json.loads((tmp_path / "out/prompt_gen/errors.jsonl").read_text())
     assert err["reason"] == "generation_failed" and "out of memory" in err["error"]
     with pytest.raises(ValueError, match="exactly one"):
-        t3bench.run_t3bench([pfile], tmp_path / "x", StubScorer(lambda v, q: 0.5))
+        t3bench.T3BenchConfig([pfile], tmp_path / "x")
 
     # Two shards: each generates its half; the second to finish scores both, as one process did.
     seen.clear()
-    run = lambda i: t3bench.run_t3bench([pfile], tmp_path / "split", StubScorer(lambda v, q: 0.7), generate_config=GenerateConfig(steps=7),  # noqa: E731
-                                        generate_fn=fake_generate, level=0, resolution=24, num_shards=2, shard_index=i)  # fmt: skip
+    run = lambda i: t3bench.run_t3bench(t3bench.T3BenchConfig([pfile], tmp_path / "split", generate_config=template, level=0, resolution=24,  # noqa: E731
+                                                              num_shards=2, shard_index=i), StubScorer(lambda v, q: 0.7), generate_fn=fake_generate)  # fmt: skip
     assert run(1) == {"merged": False} and [p for p, _, _ in seen] == ["a blue sphere"]
     split = run(0)
     assert [p for p, _, _ in seen] == ["a blue sphere", "a red cube"]
@@ -348,6 +349,13 @@ def test_llm_request_failure_falls_back():
 # --------------------------------------------------------------------------- TIFA scoring
 
 
+def tifa_run(prompts: list[str], outputs: Path, out: Path, scorer, **options):
+    """``run_tifa`` through its config, from a list of prompts."""
+    prompt_file = Path(out).parent / f"{Path(out).name}-prompts.txt"
+    prompt_file.write_text("".join(p + "\n" for p in prompts))
+    return tifa.run_tifa(tifa.TifaConfig(prompt_file, outputs, out, **options), scorer)
+
+
 def test_tifa_accuracy_with_stub_scorer(tmp_path):
     outputs = tmp_path / "outputs"
     slug = t3bench.prompt_slugs([PROCEDURAL])[0]
@@ -356,7 +364,7 @@ def test_tifa_accuracy_with_stub_scorer(tmp_path):
     n_yes = sum(q.answer == "yes" for q in qs)
 
     always_yes = StubScorer(lambda v, q: 0.5)  # exactly the threshold counts as "yes"
-    summary = tifa.run_tifa([PROCEDURAL, "a missing cube"], outputs, tmp_path / "a", always_yes)
+    summary = tifa_run([PROCEDURAL, "a missing cube"], outputs, tmp_path / "a", always_yes)
     assert summary["tifa"] == pytest.approx(n_yes / len(qs))
     assert summary["accuracy_yes"] == 1.0 and summary["accuracy_no"] == 0.0
     assert summary["by_type"]["object"] == {"questions": 3, "accuracy": pytest.approx(2 / 3)}
@@ -366,7 +374,7 @@ def test_tifa_accuracy_with_stub_scorer(tmp_path):
 
     truth = {q.question: q.answer for q in qs}
     wrong_on_colour = StubScorer(lambda v, q: (0.9 if truth[q] == "yes" else 0.1) if "red" not in q else 0.2)
-    summary = tifa.run_tifa([PROCEDURAL], outputs, tmp_path / "b", wrong_on_colour)
+    summary = tifa_run([PROCEDURAL], outputs, tmp_path / "b", wrong_on_colour)
     red_yes = [q for q in qs if "red" in q.question and q.answer == "yes"]
     assert summary["tifa"] == pytest.approx(1 - len(red_yes) / len(qs))
     rows = [json.loads(x) for x in (tmp_path / "b/answers.jsonl").read_text().splitlines()]
@@ -390,6 +398,13 @@ def test_question_scorer_with_tiny_critic(tiny_critic):
 # --------------------------------------------------------------------------- judging
 
 
+def judge(methods: dict, prompts: list[str], out: Path, scorer, **options):
+    """``judge_methods`` through its config, from ``{name: folder}`` and a list of prompts."""
+    prompt_file = Path(out).parent / f"{Path(out).name}-prompts.txt"
+    prompt_file.write_text("".join(p + "\n" for p in prompts))
+    return judge_mod.judge_methods(judge_mod.JudgeConfig(prompt_file, [f"{k}={v}" for k, v in methods.items()], out, **options), scorer)
+
+
 def _methods(tmp_path, prompts):
     slugs = t3bench.prompt_slugs(prompts)
     for name, value in (("good", 220), ("bad", 40), ("twin", 220)):
@@ -402,7 +417,7 @@ def test_judge_single_pass_elo(tmp_path):
     prompts = ["a red cube", "a blue sphere", "a green cone", "a pink torus", "a black cylinder"]
     methods = _methods(tmp_path, prompts)
     brightness = StubScorer(lambda views, q: float(np.mean([np.asarray(v) for v in views])) / 255.0)
-    summary = judge_mod.judge_methods(methods, prompts, tmp_path / "out", brightness, tie_margin=0.02,
+    summary = judge(methods, prompts, tmp_path / "out", brightness, tie_margin=0.02,
                                       anchor="bad", n_bootstrap=50, seed=1)
     ratings = {r["method"]: r for r in summary["ratings"]}
     assert ratings["bad"]["elo"] == 1000.0 and ratings["good"]["elo"] > 1100 and ratings["twin"]["elo"] > 1100
@@ -412,7 +427,7 @@ def test_judge_single_pass_elo(tmp_path):
     comps = [json.loads(x) for x in (tmp_path / "out/comparisons.jsonl").read_text().splitlines()]
     assert len(comps) == 15 and summary["ties"] == 5
     # Three prompts give each method 6 games: no interval, and the summary says why.
-    few = judge_mod.judge_methods(_methods(tmp_path / "few", prompts[:3]), prompts[:3], tmp_path / "few_out", brightness,
+    few = judge(_methods(tmp_path / "few", prompts[:3]), prompts[:3], tmp_path / "few_out", brightness,
                                   anchor="bad", n_bootstrap=50, seed=1)  # fmt: skip
     assert "too few games" in few["note"] and all(r.get("ci_low") is None for r in few["ratings"] if r["method"] != "bad")
     assert {c["outcome"] for c in comps if {c["method_a"], c["method_b"]} == {"good", "twin"}} == {"tie"}
@@ -422,7 +437,7 @@ def test_judge_single_pass_elo(tmp_path):
     assert (tmp_path / "out/ratings.csv").read_text().splitlines()[1].split(",")[1] in ("good", "twin")
     assert "<img" in (tmp_path / "out/report.html").read_text()
     # a larger tie margin turns the good-vs-bad difference (about 0.7) into ties as well
-    wide = judge_mod.judge_methods(methods, prompts, tmp_path / "wide", brightness, tie_margin=0.9, n_bootstrap=0)
+    wide = judge(methods, prompts, tmp_path / "wide", brightness, tie_margin=0.9, n_bootstrap=0)
     assert wide["ties"] == 15 and all(abs(r["elo"] - 1000.0) < 1e-3 for r in wide["ratings"])
 
 
@@ -432,12 +447,12 @@ def test_judge_missing_renders_are_errors(tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "good" / "a_blue_sphere")
-    summary = judge_mod.judge_methods(methods, prompts, tmp_path / "out", StubScorer(lambda v, q: 0.5), n_bootstrap=0)
+    summary = judge(methods, prompts, tmp_path / "out", StubScorer(lambda v, q: 0.5), n_bootstrap=0)
     assert summary["comparisons"] == 3 + 1 and summary["errors"] == 1
     err = json.loads((tmp_path / "out/errors.jsonl").read_text())
     assert err["method"] == "good" and err["reason"] == "missing_output"
     with pytest.raises(ValueError, match="at least two"):
-        judge_mod.judge_methods({"good": methods["good"]}, prompts, tmp_path / "x", StubScorer(lambda v, q: 0.5))
+        judge({"good": methods["good"]}, prompts, tmp_path / "x", StubScorer(lambda v, q: 0.5))
 
 
 def test_judge_side_by_side_plumbing_and_refusal(tmp_path, tiny_critic):
@@ -445,7 +460,7 @@ def test_judge_side_by_side_plumbing_and_refusal(tmp_path, tiny_critic):
     methods = _methods(tmp_path, prompts)
     # The default tiny tokenizer has no "A"/"B" tokens: refused before any work, with the reason.
     with pytest.raises(ValueError, match=r"single token.*'A'|'A'.*single token"):
-        judge_mod.judge_methods(methods, prompts, tmp_path / "refused", tiny_critic, mode="side_by_side")
+        judge(methods, prompts, tmp_path / "refused", tiny_critic, mode="side_by_side")
     assert not (tmp_path / "refused" / "comparisons.jsonl").exists()
 
     ab_dir = build_tiny_critic(tmp_path / "ab_critic", vocab_words=["A", "B", "Which", "better", "matches", "Answer", "or",
@@ -453,7 +468,7 @@ def test_judge_side_by_side_plumbing_and_refusal(tmp_path, tiny_critic):
     critic = Critic.from_pretrained(ab_dir, device="cpu")
     sbs = judge_mod.side_by_side_scorer(critic)
     assert sbs.yes_ids == [critic.tokenizer.convert_tokens_to_ids("A")] and sbs.config.num_views == 1
-    summary = judge_mod.judge_methods({"good": methods["good"], "bad": methods["bad"]}, prompts, tmp_path / "out", critic,
+    summary = judge({"good": methods["good"], "bad": methods["bad"]}, prompts, tmp_path / "out", critic,
                                       mode="side_by_side", n_bootstrap=0, tie_margin=0.0)
     comps = [json.loads(x) for x in (tmp_path / "out/comparisons.jsonl").read_text().splitlines()]
     assert len(comps) == 2 and all(c["orders"] == 2 and 0 < c["p_a"] < 1 for c in comps)
@@ -519,9 +534,9 @@ def test_plys_are_rendered_from_the_scorers_own_orbit(tmp_path, protocol):
         scorer = StubScorer(foreground)
         scorer.config = CriticConfig(view_distance=distance)
         if protocol == "tifa":
-            tifa.run_tifa([PROCEDURAL], tmp_path / "a", tmp_path / f"tifa{distance}", scorer, resolution=48)
+            tifa_run([PROCEDURAL], tmp_path / "a", tmp_path / f"tifa{distance}", scorer, resolution=48)
         else:
-            judge_mod.judge_methods({"a": tmp_path / "a", "b": tmp_path / "b"}, [PROCEDURAL], tmp_path / f"judge{distance}",
+            judge({"a": tmp_path / "a", "b": tmp_path / "b"}, [PROCEDURAL], tmp_path / f"judge{distance}",
                                     scorer, n_bootstrap=0, resolution=48)  # fmt: skip
         coverage[distance] = float(np.mean(seen))
     assert 0 < coverage[6.0] < 0.4 * coverage[2.5]

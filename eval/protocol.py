@@ -1,0 +1,50 @@
+"""What the evaluation protocols' configs share: the fields every ``eval`` command has, declared
+once with their help text, and their checks.
+
+Each protocol (``critic_eval``, ``assets``, ``t3bench``, ``tifa``, ``judge``, ``procedural``) has one
+config dataclass, TRL-style; its fields are the command's options
+(``coherendream.cli_options.options_from``), so flags, config and docs cannot drift.
+"""
+
+from __future__ import annotations
+
+from dataclasses import field
+from pathlib import Path
+from typing import Any
+
+
+def output_field(contents: str) -> Any:
+    """The required output folder, ``--output``/``-o`` on the command line."""
+    return field(metadata={"help": f"output folder ({contents})", "flags": ("--output", "-o")})
+
+
+def batch_size_field() -> Any:
+    return field(default=8, metadata={"help": "samples per forward pass"})
+
+
+def resolution_field() -> Any:
+    return field(default=256, metadata={"help": "render size of each view in pixels"})
+
+
+def progress_field() -> Any:
+    return field(default=True, metadata={"help": "show a progress bar"})
+
+
+def num_shards_field() -> Any:
+    return field(default=None, metadata={"help": "split the work over this many processes (default: torchrun's WORLD_SIZE or the SLURM array size, else 1)"})
+
+
+def shard_index_field() -> Any:
+    return field(default=None, metadata={"help": "this process's share (default: RANK or the SLURM array index)"})
+
+
+def check_common(config: Any) -> None:
+    """Paths as ``Path``; ``batch_size`` and ``resolution`` (where the config has them) positive."""
+    for name in ("output_dir", "outputs_dir", "dataset_dir", "manifest", "root"):
+        value = getattr(config, name, None)
+        if value is not None:
+            setattr(config, name, Path(value))
+    for name in ("batch_size", "resolution"):
+        value = getattr(config, name, None)
+        if value is not None and not value >= 1:
+            raise ValueError(f"{name} must be a positive number, got {value}")
