@@ -145,6 +145,10 @@ def dump_yaml(config: Any) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
+# Written here rather than through pydantic's TypeAdapter: its strict mode refuses a YAML string
+# for a Path field, and its lax mode turns "8" into 8 and "yes" into True, the very coercions the
+# YAML 1.2 loader above exists to avoid; this keeps the exact checks and the full dotted key in
+# every error ("render.resolution: expected an integer, got '8'").
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:

@@ -37,8 +37,8 @@ Conventions:
   linearly over a window of optimisation steps, see :class:`SDSConfig`.
 - ``prior: none`` is the generator's business: it simply does not build an :class:`SDSGuidance`.
 
-The pure functions (:func:`add_noise`, :func:`classifier_free_guidance`, :func:`sds_weight`,
-:func:`sds_gradient`, :func:`sds_loss`, :func:`predict_x0`, :func:`to_epsilon`) hold all of the
+Noising is the scheduler's own ``add_noise`` and noise is diffusers' ``randn_tensor``; the pure
+functions (:func:`classifier_free_guidance`, :func:`sds_weight`, :func:`sds_gradient`, :func:`sds_loss`, :func:`predict_x0`, :func:`to_epsilon`) hold all of the
 maths, so that reward-weighted SDS can encode once (:meth:`SDSGuidance.encode_images`), call
 :meth:`SDSGuidance.guidance_from_latents` for several noise draws at one ``t``, and weight the
 resulting gradients before applying :func:`sds_loss` to their weighted sum.
@@ -80,7 +80,6 @@ __all__ = [
     "SDSConfig",
     "GuidanceOutput",
     "SDSGuidance",
-    "add_noise",
     "classifier_free_guidance",
     "sds_weight",
     "sds_gradient",
@@ -241,20 +240,6 @@ def _per_sample(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> to
     """Gather ``values[t]`` ([B]) and shape it ``[B, 1, ..., 1]`` to broadcast against ``like``."""
     out = values.to(device=like.device, dtype=torch.float32)[t.to(like.device).long()]
     return out.reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def add_noise(latents: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Forward diffusion ``x_t = sqrt(ab_t) * x_0 + sqrt(1 - ab_t) * eps``.
-
-    Args:
-        latents, noise: ``[B, C, h, w]``.
-        alphas_cumprod: ``[T]`` the scheduler's cumulative products ``alpha_bar``.
-        t: ``[B]`` integer timesteps in ``[0, T)``.
-    Returns:
-        ``[B, C, h, w]`` float32.
-    """
-    ab = _per_sample(alphas_cumprod, t, latents)
-    return ab.sqrt() * latents.float() + (1.0 - ab).sqrt() * noise.float()
 
 
 def classifier_free_guidance(noise_pred_uncond: torch.Tensor, noise_pred_text: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -624,11 +609,13 @@ class SDSGuidance:
         else:
             t = torch.as_tensor(t, device=self.device).long().reshape(-1).expand(B).clone()
         if noise is None:
-            noise = _randn(latents.shape, generator, self.device)
+            from diffusers.utils.torch_utils import randn_tensor  # drawn on the generator's device, then moved
+
+            noise = randn_tensor(tuple(latents.shape), generator=generator, device=self.device, dtype=torch.float32)
         else:
             noise = noise.to(self.device, torch.float32)
         with torch.no_grad():
-            latents_noisy = add_noise(latents.detach(), noise, self.alphas_cumprod, t)
+            latents_noisy = self.scheduler.add_noise(latents.detach().float(), noise, t)
             eps_uncond, eps_text = self.predict_noise(latents_noisy, t, prompts)
             eps_hat = classifier_free_guidance(eps_uncond, eps_text, self.config.guidance_scale)
             grad = sds_gradient(
@@ -673,10 +660,3 @@ class SDSGuidance:
             into ``rgb``.
         """
         return self.guidance_from_latents(self.encode_images(rgb), prompts, step, generator, t=t, noise=noise)
-
-
-def _randn(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """Standard normal float32 on ``device``, drawn on the generator's device for reproducibility."""
-    gen_device = generator.device if generator is not None else device
-    return torch.randn(tuple(shape), generator=generator, device=gen_device, dtype=torch.float32).to(device)
-

@@ -14,7 +14,6 @@ from coherendream.generation.guidance import (
     GuidanceOutput,
     SDSConfig,
     SDSGuidance,
-    add_noise,
     predict_x0,
     sds_gradient,
     sds_loss,
@@ -268,7 +267,7 @@ def test_pred_x0_inverts_the_forward_noising_and_decodes(guidance):
     x0 = torch.randn(_latent_shape(guidance, 3))
     eps = torch.randn(_latent_shape(guidance, 3))
     t = torch.tensor([10, 400, 900])
-    torch.testing.assert_close(predict_x0(add_noise(x0, eps, alphas, t), eps, alphas, t), x0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(predict_x0(guidance.scheduler.add_noise(x0, eps, t), eps, alphas, t), x0, rtol=1e-4, atol=1e-4)
 
     out = guidance(torch.rand(2, 3, 32, 32), "a cat", t=300)
     torch.testing.assert_close(out.pred_x0, predict_x0(out.latents_noisy, out.noise_pred, alphas, out.t))
@@ -282,7 +281,7 @@ def test_to_epsilon_converts_v_and_sample_predictions(latent_guidance):
     x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = torch.tensor([100, 700])
     ab = alphas[t].reshape(-1, 1, 1, 1)
-    x_t = add_noise(x0, eps, alphas, t)
+    x_t = latent_guidance.scheduler.add_noise(x0, eps, t)
     v = ab.sqrt() * eps - (1 - ab).sqrt() * x0
     torch.testing.assert_close(to_epsilon(v, x_t, alphas, t, "v_prediction"), eps, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(to_epsilon(x0, x_t, alphas, t, "sample"), eps, rtol=1e-4, atol=1e-4)
