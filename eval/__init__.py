@@ -1,7 +1,8 @@
 """Evaluation: critic metrics, Elo from pairwise judgements, and self-contained reports.
 
 * :mod:`coherendream.eval.metrics` -- accuracy, ROC-AUC, ECE with reliability tables, Brier,
-  confusion tables, pairwise accuracy, per-group metrics and :func:`critic_report` (numpy only).
+  confusion tables, pairwise accuracy, per-group metrics and :func:`critic_report` (numpy, and
+  scikit-learn where it computes the same number).
 * :mod:`coherendream.eval.elo` -- maximum-likelihood Elo (scale 400, anchor at 1000, ties as half
   wins) with seeded bootstrap intervals (scipy).
 * :mod:`coherendream.eval.report` -- single-file HTML reports with embedded images and

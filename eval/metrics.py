@@ -7,6 +7,9 @@ Conventions shared by every function here:
 * ``scores`` are ``[N]`` real numbers where larger means "more likely a positive" (a margin, a
   logit or a probability); ``probs`` are ``[N]`` probabilities ``P(yes)`` in ``[0, 1]``.
 * Every function is pure: it copies nothing it does not return and keeps no state.
+* The numbers are scikit-learn's (ROC-AUC, Brier, the confusion matrix and its rates); what this
+  module adds is the input checks below and the critic-specific measures (pairwise accuracy, ECE
+  with its bin table, per-group tables).
 * Bad input raises :class:`ValueError` naming the argument: empty arrays, mismatched lengths,
   labels outside ``{0, 1}``, NaN scores, probabilities outside ``[0, 1]``.
 
@@ -112,11 +115,11 @@ def accuracy(labels: Any, scores: Any, threshold: float = 0.5) -> float:
 
 
 def roc_auc(labels: Any, scores: Any) -> float:
-    """Area under the ROC curve, computed from ranks (the Mann-Whitney U statistic).
+    """Area under the ROC curve (scikit-learn's ``roc_auc_score`` after the checks of this module).
 
     ``AUC = P(score_pos > score_neg) + 0.5 * P(score_pos == score_neg)`` over all
-    (positive, negative) pairs. Ties get average ranks, which gives exactly this half credit.
-    ``O(N log N)``; scores may be any monotone transform of one another without changing it.
+    (positive, negative) pairs; scores may be any monotone transform of one another without
+    changing it.
 
     Args:
         labels: ``[N]`` in ``{0, 1}``; both classes must be present.
@@ -135,9 +138,9 @@ def roc_auc(labels: Any, scores: Any) -> float:
     n_neg = len(y) - n_pos
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"labels hold only one class ({n_pos} positives, {n_neg} negatives): ROC-AUC is undefined")
-    ranks = _average_ranks(s)
-    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
 
 
 def brier_score(labels: Any, probs: Any) -> float:
@@ -150,22 +153,12 @@ def brier_score(labels: Any, probs: Any) -> float:
     Returns:
         Brier score in ``[0, 1]``; 0 is perfect, 0.25 is a constant 0.5 on any data.
     """
+    from sklearn.metrics import brier_score_loss
+
     y = _labels(labels)
     p = _probs(probs)
     _same_length(labels=y, probs=p)
-    return float(np.mean((p - y) ** 2))
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks of ``x`` ``[N]``, tied values sharing the mean of their ranks."""
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last - (counts - 1) / 2.0)[inverse]
-
-
-def _div(num: float, den: float) -> float:
-    # Zero-division convention of scikit-learn's default: an undefined precision/recall/F1 is 0.
-    return float(num / den) if den else 0.0
+    return float(brier_score_loss(y, p, pos_label=1))
 
 
 def confusion_table(labels: Any, preds: Any) -> dict[str, float | int]:
@@ -180,25 +173,15 @@ def confusion_table(labels: Any, preds: Any) -> dict[str, float | int]:
         ``{"tp", "fp", "tn", "fn"}`` (ints) and ``{"precision", "recall", "f1", "accuracy"}``
         (floats in ``[0, 1]``; a ratio with a zero denominator is reported as 0.0).
     """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     y = _labels(labels)
     p = _labels(preds, "preds")
     _same_length(labels=y, preds=p)
-    tp = int(np.sum((y == 1) & (p == 1)))
-    fp = int(np.sum((y == 0) & (p == 1)))
-    tn = int(np.sum((y == 0) & (p == 0)))
-    fn = int(np.sum((y == 1) & (p == 0)))
-    precision = _div(tp, tp + fp)
-    recall = _div(tp, tp + fn)
-    return {
-        "tp": tp,
-        "fp": fp,
-        "tn": tn,
-        "fn": fn,
-        "precision": precision,
-        "recall": recall,
-        "f1": _div(2 * precision * recall, precision + recall),
-        "accuracy": (tp + tn) / len(y),
-    }
+    tn, fp, fn, tp = (int(c) for c in confusion_matrix(y, p, labels=[0, 1]).ravel())
+    precision, recall, f1, _ = precision_recall_fscore_support(y, p, average="binary", pos_label=1, zero_division=0)
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn, "precision": float(precision), "recall": float(recall), "f1": float(f1),
+            "accuracy": (tp + tn) / len(y)}
 
 
 def pairwise_accuracy(pos_scores: Any, neg_scores: Any) -> float:
@@ -229,6 +212,9 @@ def expected_calibration_error(
     confidence: str = "positive",
 ) -> tuple[float, list[dict[str, Any]]]:
     """Expected calibration error and the per-bin table behind a reliability diagram.
+
+    Computed here: scikit-learn's ``calibration_curve`` gives the per-bin means but drops empty
+    bins and returns no counts, and it has no ECE or top-label reading.
 
     ``ECE = sum_b (n_b / N) * |mean_confidence_b - accuracy_b|`` over non-empty bins.
 
