@@ -11,8 +11,11 @@ Raw parameters (what the optimiser sees) and their activations (what the rasteri
                                                                        rasteriser: max(SH + 0.5, 0)
 
 plus ``object_ids [N]`` (int64 buffer): which layout object each Gaussian was seeded in, carried
-through densification, pruning, checkpoints and PLY files (as an extra ``object_id`` property that
-standard 3DGS viewers ignore).
+through checkpoints and PLY files (as an extra ``object_id`` property that standard 3DGS viewers
+ignore). The number of Gaussians is fixed during a generation: at the CPU scale (a few thousand
+Gaussians, a few hundred steps) adaptive density control has nothing to add, and on a GPU gsplat's
+``gsplat.strategy.DefaultStrategy`` is the maintained implementation of 3DGS's densify-and-prune
+(screen-space gradients, optimiser state kept for the survivors).
 
 The PLY layout is the one of the original 3DGS code that viewers read: ``x y z nx ny nz f_dc_0..2
 f_rest_0.. opacity scale_0..2 rot_0..3``, all float32 little-endian, ``f_dc``/``f_rest`` being SH
@@ -33,7 +36,7 @@ from torch import Tensor, nn
 
 from coherendream.io import atomic_path
 
-from .rasterize import RasterOutput, quat_to_rotmat, rasterize_gaussians
+from .rasterize import RasterOutput, rasterize_gaussians
 
 __all__ = ["GaussianModel", "SH_C0", "rgb_to_sh", "sh_to_rgb", "read_ply_vertices", "write_ply_vertices"]
 
@@ -110,7 +113,7 @@ class GaussianModel(nn.Module):
         ``scale`` is the standard deviation in world units: a float, a tensor ``[N]`` / ``[N, 3]``,
         or None for 3DGS's rule (the RMS distance to the 3 nearest neighbours, clamped to 1e-7).
         ``opacity`` in (0, 1) is the same for all Gaussians (low values such as 0.1 are the usual
-        start so that early densification and pruning have something to work with).
+        start of 3DGS text-to-3D).
         """
         pts = torch.as_tensor(points, dtype=torch.float32)
         cols = torch.as_tensor(colors, dtype=torch.float32, device=pts.device)
@@ -178,70 +181,6 @@ class GaussianModel(nn.Module):
     def render(self, viewmats: Tensor, Ks: Tensor, width: int, height: int, **kwargs) -> RasterOutput:
         """``rasterize_gaussians`` on this model; ``kwargs`` go through (backgrounds, backend...)."""
         return rasterize_gaussians(**self.render_inputs(), viewmats=viewmats, Ks=Ks, width=width, height=height, **kwargs)
-
-    # ---------------------------------------------------------------- densify / prune
-
-    def _replace(self, values: dict[str, Tensor], object_ids: Tensor) -> None:
-        # New leaf Parameters: an optimiser built over the old ones must be rebuilt afterwards
-        # (its per-parameter state no longer matches the number of Gaussians).
-        for name in _PARAMS:
-            setattr(self, name, nn.Parameter(values[name].detach().contiguous()))
-        self.object_ids = object_ids.detach().clone()
-
-    @torch.no_grad()
-    def prune(self, keep: Tensor) -> int:
-        """Keep only the Gaussians where ``keep [N]`` (bool) is True; returns how many were removed."""
-        keep = keep.to(device=self.means.device, dtype=torch.bool)
-        if keep.shape != (self.num_gaussians,):
-            raise ValueError(f"keep must be a bool mask of shape ({self.num_gaussians},)")
-        removed = int((~keep).sum())
-        self._replace({name: getattr(self, name)[keep] for name in _PARAMS}, self.object_ids[keep])
-        return removed
-
-    @torch.no_grad()
-    def prune_low_opacity(self, min_opacity: float = 0.005) -> int:
-        """Remove Gaussians whose opacity is below ``min_opacity`` (3DGS's 0.005); returns the count."""
-        return self.prune(self.opacities >= min_opacity)
-
-    @torch.no_grad()
-    def densify(
-        self,
-        grads: Tensor,
-        grad_threshold: float,
-        scene_extent: float = 1.0,
-        percent_dense: float = 0.01,
-        generator: torch.Generator | None = None,
-    ) -> tuple[int, int]:
-        """3DGS-style adaptive density control, kept simple.
-
-        Gaussians whose gradient norm (``grads [N]`` norms, or ``[N, D]`` vectors, typically a
-        running mean of the means' or screen-space means' gradient) reaches ``grad_threshold`` are
-        *cloned* when small (largest scale <= ``percent_dense * scene_extent``: under-reconstructed
-        regions) and *split* when large (replaced by two Gaussians sampled inside the original, with
-        scales divided by 1.6: over-reconstructed regions). Clones/children inherit every other
-        parameter and the object tag. Returns ``(num_cloned, num_split)``. Rebuild the optimiser
-        afterwards.
-        """
-        g = grads.detach().to(self.means.device)
-        g = g.norm(dim=-1) if g.dim() == 2 else g
-        if g.shape != (self.num_gaussians,):
-            raise ValueError(f"grads must be [N] or [N, D] with N = {self.num_gaussians}")
-        hot = g >= grad_threshold
-        big = self.scales.max(dim=-1).values > percent_dense * scene_extent
-        clone, split = hot & ~big, hot & big
-        values = {name: getattr(self, name) for name in _PARAMS}
-        ids = self.object_ids
-        # Children of split Gaussians: positions drawn from the parent's own distribution.
-        src = {name: v[split].repeat_interleave(2, dim=0) for name, v in values.items()}
-        noise = torch.randn(src["means"].shape, generator=generator, dtype=torch.float32).to(src["means"])
-        rot = quat_to_rotmat(src["quats"])
-        src["means"] = src["means"] + (rot @ (noise * torch.exp(src["log_scales"]))[..., None])[..., 0]
-        src["log_scales"] = src["log_scales"] - math.log(1.6)
-        keep = ~split
-        new = {name: torch.cat([v[keep], v[clone], src[name]]) for name, v in values.items()}
-        new_ids = torch.cat([ids[keep], ids[clone], ids[split].repeat_interleave(2)])
-        self._replace(new, new_ids)
-        return int(clone.sum()), int(split.sum())
 
     # ---------------------------------------------------------------- checkpoints
 

@@ -1,8 +1,7 @@
-"""GaussianModel: activations, constructors, densify/prune, checkpoints and 3DGS PLY files."""
+"""GaussianModel: activations, constructors, checkpoints and 3DGS PLY files."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -80,32 +79,6 @@ def test_render_and_gradients_reach_parameters():
     out.rgb.mean().backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
-
-
-def test_prune_and_densify():
-    m = _random_model(n=40, sh_degree=1)
-    ids_before = m.object_ids.clone()
-    with torch.no_grad():
-        m.opacity_logits[:10] = -10.0  # opacity 4.5e-5
-    assert m.prune_low_opacity(0.005) == 10
-    assert m.num_gaussians == 30 and torch.equal(m.object_ids, ids_before[10:])
-    assert all(p.shape[0] == 30 for p in m.parameters())
-
-    with torch.no_grad():
-        m.log_scales[:] = np.log(0.001)
-        m.log_scales[:5] = np.log(0.2)  # five big ones
-    grads = torch.zeros(30)
-    grads[:8] = 1.0  # hot: 5 big (split) + 3 small (clone)
-    parents = m.means[:5].detach().clone()
-    cloned, split = m.densify(grads, grad_threshold=0.5, scene_extent=1.0, generator=torch.Generator().manual_seed(0))
-    assert (cloned, split) == (3, 5)
-    assert m.num_gaussians == 30 - 5 + 3 + 10
-    assert all(p.shape[0] == m.num_gaussians for p in m.parameters()) and m.object_ids.shape == (m.num_gaussians,)
-    children = m.means[-10:].detach()
-    # children sit near their parent and are 1.6x smaller
-    assert torch.allclose(children.reshape(5, 2, 3).mean(1), parents, atol=0.8)
-    torch.testing.assert_close(m.scales[-10:], torch.full((10, 3), 0.2 / 1.6))
-    assert torch.equal(m.object_ids[-10:], ids_before[10:15].repeat_interleave(2))
 
 
 def test_state_dict_save_load(tmp_path):
