@@ -137,19 +137,7 @@ def items_from_render_dir(
         FileNotFoundError: ``folder`` or ``prompts_file`` does not exist (the input itself, not
             one item, is wrong).
     """
-    for row in render_dir_rows(folder, prompts_file):
-        item = {k: row[k] for k in ("id", "prompt", "path") if k in row}
-        if "error" in row:
-            yield {**item, "reason": row["reason"], "error": row["error"]}
-            continue
-        item["views"] = row["full"]
-        if num_views is not None:
-            try:
-                item["views"] = select_views(row["full"], num_views)
-            except ItemError as err:
-                yield {**item, "reason": err.reason, "error": str(err)}
-                continue
-        yield item
+    return _items_of_rows(render_dir_rows(folder, prompts_file), num_views)
 
 
 def items_from_manifest(path: str | Path, root: str | Path | None = None, num_views: int | None = None) -> Iterator[dict]:
@@ -168,9 +156,15 @@ def items_from_manifest(path: str | Path, root: str | Path | None = None, num_vi
         FileNotFoundError / ValueError: the manifest itself is missing, unreadable or has no
             header naming an id column.
     """
-    for row in manifest_rows(path, root):
-        extra = {k: v for k, v in row["extra"].items() if k not in (*_RESULT_KEYS, "views")}
-        item = {"id": row["id"], "prompt": row["prompt"], "path": row["path"], **extra}
+    return _items_of_rows(manifest_rows(path, root), num_views)
+
+
+def _items_of_rows(rows: Iterable[dict], num_views: int | None) -> Iterator[dict]:
+    """Critic items of checked asset rows (``coherendream.data.manifest``'s readers): the row's
+    folder as ``views`` (or ``num_views`` of its images), extra columns kept, or the row's error."""
+    for row in rows:
+        extra = {k: v for k, v in row.get("extra", {}).items() if k not in (*_RESULT_KEYS, "views")}
+        item = {**{k: row[k] for k in ("id", "prompt", "path") if k in row}, **extra}
         if "error" in row:
             yield {**item, "reason": row["reason"], "error": row["error"]}
             continue
@@ -179,7 +173,8 @@ def items_from_manifest(path: str | Path, root: str | Path | None = None, num_vi
             try:
                 item["views"] = select_views(row["full"], num_views)
             except ItemError as err:
-                yield {**item, "reason": err.reason, "error": f"{row['where']}: {err}"}
+                where = f"{row['where']}: " if "where" in row else ""
+                yield {**item, "reason": err.reason, "error": f"{where}{err}"}
                 continue
         yield item
 
