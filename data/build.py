@@ -46,7 +46,7 @@ from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds,
 from coherendream.vocabulary import parse_caption
 from coherendream.shards import shard_items
 from coherendream.grid import GridLayout, tile
-from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
+from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_results, write_text
 from coherendream.prompts import (
     ANSWER_NO,
     ANSWER_YES,
@@ -587,7 +587,7 @@ def finalize(config: BuildConfig, refs: list[AssetRef], manifest_rejected: list[
     rejected = [r.to_dict() for r in manifest_rejected]
     for i in range(n_chunks):
         rejected.extend(read_jsonl(chunks_dir / f"{i:05d}.rejected.jsonl"))
-    write_jsonl(out / "rejected.jsonl", rejected)
+    write_results(rejected, out / "rejected", formats=("jsonl",))
     info = {
         "assets_planned": len(refs),
         "assets_rejected": len(rejected),

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from coherendream.cameras import OrbitSpec, camera_tensors
+from coherendream.cameras import OrbitSpec, camera_tensors, scorer_orbit
 from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, progress_field, resolution_field, shard_index_field
 from coherendream.io import write_bytes, write_json, write_jsonl
 
@@ -172,6 +172,7 @@ class AssetsEvalConfig:
     num_shards: int | None = num_shards_field()
     shard_index: int | None = shard_index_field()
     chunk_size: int = field(default=64, metadata={"help": "assets per kept chunk of work (resume and sharding unit)"})
+    orbit: OrbitSpec | None = field(default=None, metadata={"cli": False, "help": "cameras for meshes and PLYs (default: the critic's own orbit)"})
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -180,7 +181,7 @@ class AssetsEvalConfig:
 def evaluate_assets(critic: Any, config: AssetsEvalConfig) -> dict:
     """Score every asset of ``config.manifest``; writes scores.{json,csv}, errors.jsonl, summary.json, report.html.
 
-    Assets are rendered from the critic's own orbit and scored in chunks of ``chunk_size`` kept
+    Assets are rendered from ``config.orbit`` (default: the critic's own orbit) and scored in chunks of ``chunk_size`` kept
     under ``output_dir/chunks`` (with each asset's views in ``output_dir/views``): a re-run
     resumes, and processes given ``num_shards``/``shard_index`` (or started by torchrun or a SLURM
     array) share the chunks; the one that finds them all done writes the results. ``merged`` in
@@ -195,7 +196,7 @@ def evaluate_assets(critic: Any, config: AssetsEvalConfig) -> dict:
     manifest, root, resolution, out = config.manifest, config.root, config.resolution, config.output_dir
     check_manifest(manifest)  # before any rendering: a manifest no row of which can be used
     out.mkdir(parents=True, exist_ok=True)
-    orbit = critic.config.orbit()  # the critic's own views: objects at the size it learned them
+    orbit = config.orbit or scorer_orbit(critic)  # the critic's own views: objects at the size it learned them
     rows = asset_rows(manifest, root=root)
 
     def score_chunk(chunk: list[dict], start: int) -> list[dict]:
