@@ -6,6 +6,7 @@ Configs: ``--config file.yaml`` plus ``key.sub=value`` overrides as trailing arg
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,7 @@ from coherendream.eval.assets import AssetsEvalConfig
 from coherendream.eval.critic_eval import CriticEvalConfig
 from coherendream.eval.judge import JudgeConfig
 from coherendream.eval.prior_eval import PriorEvalConfig
+from coherendream.eval.procedural import DEFAULT_METHODS, ProceduralEvalConfig
 from coherendream.eval.t3bench import T3BenchConfig
 from coherendream.eval.tifa import TifaConfig
 
@@ -490,20 +492,14 @@ def eval_prior(config: PriorEvalConfig) -> None:
 
 
 @eval_app.command("procedural")
+@options_from(ProceduralEvalConfig, _fail)
 def eval_procedural(
-    output: Annotated[Path, typer.Option("--output", "-o", help="folder for generations, jobs/, results, report.html (re-running resumes)")],
-    overrides: Overrides = None,
-    generate_config: Annotated[Optional[Path], typer.Option(help="base `generate` YAML (default: configs/generate/cpu_tiny.yaml)")] = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="prompt set JSONL (default: the versioned procedural set)")] = None,
+    config: ProceduralEvalConfig,
     method: Annotated[Optional[list[str]], typer.Option(help="NAME or NAME:key=value,key=value (repeat); default sds, tcsd, reward_weighted, tcsd_no_layout")] = None,
-    seeds: Annotated[Optional[list[int]], typer.Option("--seed", help="generation seed (repeat; default 0 and 1)")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="optimisation steps of every generation")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="only the first N prompts of each category")] = None,
-    num_shards: NumShards = None,
-    shard_index: ShardIndex = None,
+    steps: Annotated[Optional[int], typer.Option(help="optimisation steps of every generation (an override steps=N)")] = None,
 ) -> None:
     """SDS against TCSD on procedural prompts with exact answers: generate, judge against real renders, compare."""
-    from coherendream.eval.procedural import DEFAULT_METHODS, ProceduralEvalConfig, run_procedural_eval
+    from coherendream.eval.procedural import run_procedural_eval
 
     methods: dict[str, list[str]] = {}
     for spec in method or []:
@@ -511,13 +507,8 @@ def eval_procedural(
         methods[name] = [o for o in rest.split(",") if o] if rest else list(DEFAULT_METHODS.get(name, []))
         if not rest and name not in DEFAULT_METHODS:
             _fail(f"--method {spec}: unknown method; give NAME:key=value,... or one of {', '.join(DEFAULT_METHODS)}")
-    extra = list(overrides or []) + ([f"steps={steps}"] if steps is not None else [])
     try:
-        cfg = ProceduralEvalConfig(
-            output_dir=str(output), prompts=str(prompts) if prompts else None, generate_config=str(generate_config) if generate_config else None,
-            methods=methods or {k: list(v) for k, v in DEFAULT_METHODS.items()}, seeds=list(seeds or [0, 1]), overrides=extra,
-            limit=limit, num_shards=num_shards, shard_index=shard_index,
-        )  # fmt: skip
+        cfg = dataclasses.replace(config, methods=methods or config.methods, overrides=list(config.overrides) + ([f"steps={steps}"] if steps is not None else []))
         status = run_procedural_eval(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -529,7 +520,7 @@ def eval_procedural(
         if e["category"] in ("multi_object", "all"):
             typer.echo(f"  {e['method']:>16} {e['category']:>12}: object colour {e['object_color'] if e['object_color'] is None else round(e['object_color'], 3)}"
                        + (f", order {e['placement']:.3f}" if e.get("placement") is not None else ""))  # fmt: skip
-    typer.echo(f"report: {output.resolve() / 'report.html'}")
+    typer.echo(f"report: {Path(cfg.output_dir).resolve() / 'report.html'}")
 
 
 @app.command("demo")

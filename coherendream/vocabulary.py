@@ -56,6 +56,7 @@ COLOR_WORDS = frozenset(ALL_COLORS)
 
 SHAPES: dict[str, str] = {"cube": "cubes", "sphere": "spheres", "cylinder": "cylinders", "cone": "cones", "torus": "tori"}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+MAX_OBJECTS = 4  # objects in a procedural scene, all groups together
 
 # Canonical relation keys. The first six are the procedural grammar's, with their caption phrases.
 RELATIONS: dict[str, str] = {

@@ -23,9 +23,7 @@ import numpy as np
 import trimesh
 
 from coherendream.data.assets import MeshAsset, MeshPart, normalise
-from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption, relation_holds
-
-MAX_OBJECTS = 4
+from coherendream.vocabulary import MAX_OBJECTS, PALETTE, RELATIONS, SHAPES, Group, SceneCaption, relation_holds
 
 
 @dataclass

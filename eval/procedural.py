@@ -43,6 +43,7 @@ import numpy as np
 
 from coherendream.cameras import OrbitSpec
 from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_prompt_set
+from coherendream.eval.protocol import num_shards_field, shard_index_field
 from coherendream.io import write_json, write_results
 from coherendream.shards import resolve_shard, run_jobs
 
@@ -62,24 +63,20 @@ METRICS = ("object_color", "color_present", "shape", "count", "placement", "swap
 
 @dataclass
 class ProceduralEvalConfig:
-    """Settings of the procedural benchmark.
+    """Settings of the procedural benchmark; each field but ``methods`` is also a command-line
+    option (``methods`` comes from ``--method NAME[:key=value,...]``)."""
 
-    ``generate_config``: base ``generate`` YAML (default: ``configs/generate/cpu_tiny.yaml`` of
-    the checkout); ``overrides``: applied to every method after its own (e.g. ``steps=200``);
-    ``limit``: only the first N prompts of each category (smoke runs).
-    """
-
-    output_dir: str = "outputs/eval/procedural"
-    prompts: str | None = None
-    generate_config: str | None = None
-    methods: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_METHODS.items()})
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    overrides: list[str] = field(default_factory=list)
-    limit: int | None = None
-    judge_resolution: int = 32
-    bootstrap: int = 2000
-    num_shards: int | None = None
-    shard_index: int | None = None
+    output_dir: str = field(default="outputs/eval/procedural", metadata={"help": "folder for generations, jobs/, results, report.html (re-running resumes)", "flags": ("--output", "-o")})
+    prompts: str | None = field(default=None, metadata={"help": "prompt set JSONL (default: the versioned procedural set)"})
+    generate_config: str | None = field(default=None, metadata={"help": "base `generate` YAML (default: configs/generate/cpu_tiny.yaml)"})
+    methods: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_METHODS.items()}, metadata={"cli": False})
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "generation seed (repeat)", "flags": ("--seed",)})
+    overrides: list[str] = field(default_factory=list, metadata={"help": "`generate` overrides for every method, after its own, key=value", "argument": True})
+    limit: int | None = field(default=None, metadata={"help": "only the first N prompts of each category (smoke runs)"})
+    judge_resolution: int = field(default=32, metadata={"help": "render size of the views the ground-truth judge reads"})
+    bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the confidence intervals"})
+    num_shards: int | None = num_shards_field()
+    shard_index: int | None = shard_index_field()
 
     def __post_init__(self) -> None:
         if not self.methods:

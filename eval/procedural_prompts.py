@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coherendream.data.procedural import MAX_OBJECTS
-from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption, parse_caption
+from coherendream.vocabulary import MAX_OBJECTS, PALETTE, RELATIONS, SHAPES, Group, SceneCaption, parse_caption
 
 __all__ = ["VERSION", "SEED", "CATEGORIES", "PromptSpec", "build_prompt_set", "read_prompt_set", "default_prompt_set_path"]
 
