@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from coherendream.cli_options import options_from
+from coherendream.cli_options import options_from, warn_deprecated
 from coherendream.config import ConfigError
 from coherendream.eval.assets import AssetsEvalConfig
 from coherendream.eval.critic_eval import CriticEvalConfig
@@ -37,6 +37,16 @@ Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
 # One way to split a batch job over processes, for every command that has one (coherendream.shards).
 NumShards = Annotated[Optional[int], typer.Option(help="split the work over this many processes (default: torchrun's WORLD_SIZE or the SLURM array size, else 1)")]
+# The command line's one naming scheme: --critic (with --adapter, --dtype, --device) for the critic a
+# command uses, --prior for a diffusion prior, --model only for the base model `critic train`
+# fine-tunes (Hugging Face's model_name_or_path), -o/--output for what a command writes,
+# --generations for existing generations. Old spellings keep working for one release, with a warning.
+CriticOption = Annotated[Optional[str], typer.Option("--critic", help="critic: hub id or local path (default: the embedded procedural critic)")]
+AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --critic")]
+DtypeOption = Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")]
+DeviceOption = Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available)")]
+OldModelOption = Annotated[Optional[str], typer.Option("--model", hidden=True, help="deprecated: use --critic")]
+PriorOption = Annotated[Optional[str], typer.Option("--prior", help="prior: diffusers pipeline folder or hub id (default: the embedded prior)")]
 ShardIndex = Annotated[Optional[int], typer.Option(help="this process's share (default: RANK or the SLURM array index)")]
 
 
@@ -214,21 +224,22 @@ def critic_merge(
 def critic_score(
     input: Annotated[Path, typer.Option("--input", "-i", help="render folder (<uid>/*.png), `data build` folder, or CSV/JSONL manifest (id, path, prompt)")],
     output: Annotated[Path, typer.Option("--output", "-o", help="folder for scores.csv/jsonl, errors.jsonl, summary.json")],
-    model: Annotated[
+    critic: Annotated[
         Optional[str],
-        typer.Option(help="critic: hub id or local path, a merged model or an adapter folder (default: the embedded procedural critic)"),
+        typer.Option("--critic", help="critic: hub id or local path, a merged model or an adapter folder (default: the embedded procedural critic)"),
     ] = None,
-    adapter: Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")] = None,
+    adapter: AdapterOption = None,
     kind: Annotated[Optional[str], typer.Option(help="dataset, manifest or render_dir (default: detected)")] = None,
     split: Annotated[str, typer.Option(help="dataset split to score")] = "test",
     prompts_file: Annotated[Optional[Path], typer.Option(help="render folders: CSV/JSONL of uid, prompt (instead of caption.txt)")] = None,
     root: Annotated[Optional[Path], typer.Option(help="manifest: root of its paths (default: its folder)")] = None,
     batch_size: Annotated[int, typer.Option(help="samples per forward pass")] = 8,
-    dtype: Annotated[Optional[str], typer.Option(help="bfloat16, float16 or float32 (default: bf16 on CUDA, fp32 on CPU)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available)")] = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
     num_shards: NumShards = None,
     shard_index: ShardIndex = None,
     chunk_size: Annotated[int, typer.Option(help="items per chunk (the unit of resuming and of splitting)")] = 256,
+    model: OldModelOption = None,
 ) -> None:
     """Score 3D assets' views against prompts: P("Yes") and the yes/no logit margin per item.
 
@@ -242,9 +253,9 @@ def critic_score(
 
     try:
         items = items_from_input(input, kind, split=split, prompts_file=prompts_file, root=root)
-        critic = _load_critic(model, adapter, dtype, device)
-        metadata = {"model": model or str(default_critic_path()), "adapter": str(adapter) if adapter else None, "input": str(input)}
-        summary = score_to_files(critic, items, output, batch_size=batch_size, metadata=metadata,
+        scorer = _load_critic(critic, adapter, dtype, device, model)
+        metadata = {"model": critic or model or str(default_critic_path()), "adapter": str(adapter) if adapter else None, "input": str(input)}
+        summary = score_to_files(scorer, items, output, batch_size=batch_size, metadata=metadata,
                                  num_shards=num_shards, shard_index=shard_index, chunk_size=chunk_size)  # fmt: skip
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -327,24 +338,25 @@ def generate_command(
         typer.echo(f"note: {note}")
 
 
-def _load_critic(model: Optional[str], adapter: Optional[Path] = None, dtype: Optional[str] = None, device: Optional[str] = None):
+def _load_critic(critic: Optional[str], adapter: Optional[Path] = None, dtype: Optional[str] = None, device: Optional[str] = None,
+                 model: Optional[str] = None):  # fmt: skip
+    """The critic named by --critic (or the deprecated --model), else the embedded one."""
     from coherendream.critic.model import Critic, default_critic_path
 
-    return Critic.from_pretrained(model or default_critic_path(), adapter=adapter, dtype=dtype, device=device)
-
-
-ModelOption = Annotated[Optional[str], typer.Option(help="critic: hub id or local path (default: the embedded procedural critic)")]
-AdapterOption = Annotated[Optional[Path], typer.Option(help="PEFT adapter on top of --model")]
+    if model is not None:
+        warn_deprecated("--model", "--critic")
+    return Critic.from_pretrained(critic or model or default_critic_path(), adapter=adapter, dtype=dtype, device=device)
 
 
 @eval_app.command("critic")
 @options_from(CriticEvalConfig, _fail)
-def eval_critic(config: CriticEvalConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
+def eval_critic(config: CriticEvalConfig, critic: CriticOption = None, adapter: AdapterOption = None, dtype: DtypeOption = None,
+                device: DeviceOption = None, model: OldModelOption = None) -> None:
     """Accuracy, ROC-AUC, calibration (ECE, reliability diagram) and pairwise accuracy, per negative type."""
     from coherendream.eval.critic_eval import evaluate_critic, per_type_table
 
     try:
-        metrics = evaluate_critic(_load_critic(model, adapter), config)
+        metrics = evaluate_critic(_load_critic(critic, adapter, dtype, device, model), config)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     o = metrics["overall"]
@@ -356,7 +368,8 @@ def eval_critic(config: CriticEvalConfig, model: ModelOption = None, adapter: Ad
 
 @eval_app.command("assets")
 @options_from(AssetsEvalConfig, _fail)
-def eval_assets(config: AssetsEvalConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
+def eval_assets(config: AssetsEvalConfig, critic: CriticOption = None, adapter: AdapterOption = None, dtype: DtypeOption = None,
+                device: DeviceOption = None, model: OldModelOption = None) -> None:
     """Render each asset with the toolkit's renderers and score it against its prompt.
 
     Finished chunks of assets are kept under the output folder: re-running resumes, and
@@ -365,7 +378,7 @@ def eval_assets(config: AssetsEvalConfig, model: ModelOption = None, adapter: Ad
     from coherendream.eval.assets import evaluate_assets
 
     try:
-        summary = evaluate_assets(_load_critic(model, adapter), config)
+        summary = evaluate_assets(_load_critic(critic, adapter, dtype, device, model), config)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _end_scoring(summary, "assets", config.manifest, config.output_dir, f"; report: {config.output_dir.resolve() / 'report.html'}")
@@ -381,8 +394,11 @@ def _summary_line(summary: dict, output: Path) -> None:
 @options_from(T3BenchConfig, _fail)
 def eval_t3bench(
     config: T3BenchConfig,
-    model: ModelOption = None,
+    critic: CriticOption = None,
     adapter: AdapterOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    model: OldModelOption = None,
     vqa_model: Annotated[Optional[str], typer.Option(help="any LLaVA-family model for VQAScore-style P(yes) as a second alignment score")] = None,
 ) -> None:
     """T3Bench-style protocol: alignment (critic, optional VQAScore) and a quality proxy, one table per prompt set.
@@ -393,9 +409,9 @@ def eval_t3bench(
     from coherendream.eval.t3bench import make_vqa_scorer, run_t3bench
 
     try:
-        critic = _load_critic(model, adapter)
-        vqa = make_vqa_scorer(vqa_model, num_views=critic.config.num_views) if vqa_model else None
-        summary = run_t3bench(config, critic, vqa_scorer=vqa)
+        scorer = _load_critic(critic, adapter, dtype, device, model)
+        vqa = make_vqa_scorer(vqa_model, num_views=scorer.config.num_views) if vqa_model else None
+        summary = run_t3bench(config, scorer, vqa_scorer=vqa)
     except (ValueError, FileNotFoundError, ConfigError) as err:
         _fail(str(err))
     if not summary["merged"]:
@@ -411,12 +427,13 @@ def eval_t3bench(
 
 @eval_app.command("tifa")
 @options_from(TifaConfig, _fail)
-def eval_tifa(config: TifaConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
+def eval_tifa(config: TifaConfig, critic: CriticOption = None, adapter: AdapterOption = None, dtype: DtypeOption = None,
+                device: DeviceOption = None, model: OldModelOption = None) -> None:
     """TIFA-style protocol: yes/no questions from each prompt, answered by an MLLM on the renders."""
     from coherendream.eval.tifa import question_scorer, run_tifa
 
     try:
-        summary = run_tifa(config, question_scorer(_load_critic(model, adapter)))
+        summary = run_tifa(config, question_scorer(_load_critic(critic, adapter, dtype, device, model)))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _summary_line(summary, config.output_dir)
@@ -424,12 +441,13 @@ def eval_tifa(config: TifaConfig, model: ModelOption = None, adapter: AdapterOpt
 
 @eval_app.command("judge")
 @options_from(JudgeConfig, _fail)
-def eval_judge(config: JudgeConfig, model: ModelOption = None, adapter: AdapterOption = None) -> None:
+def eval_judge(config: JudgeConfig, critic: CriticOption = None, adapter: AdapterOption = None, dtype: DtypeOption = None,
+                device: DeviceOption = None, model: OldModelOption = None) -> None:
     """Pairwise MLLM judging of methods' renders per prompt, with maximum-likelihood Elo."""
     from coherendream.eval.judge import judge_methods
 
     try:
-        summary = judge_methods(config, _load_critic(model, adapter))
+        summary = judge_methods(config, _load_critic(critic, adapter, dtype, device, model))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _summary_line(summary, config.output_dir)
@@ -437,14 +455,12 @@ def eval_judge(config: JudgeConfig, model: ModelOption = None, adapter: AdapterO
         typer.echo(f"note: {summary['note']}")
 
 
-PriorOption = Annotated[Optional[str], typer.Option(help="prior: diffusers pipeline folder or hub id (default: the embedded prior)")]
-
-
 @prior_app.command("sample")
 def prior_sample(
     prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="text prompt; repeat for several rows")],
     output: Annotated[Path, typer.Option("--output", "-o", help="PNG file of the grid (one row per prompt)")],
-    model: PriorOption = None,
+    prior: PriorOption = None,
+    model: Annotated[Optional[str], typer.Option("--model", hidden=True, help="deprecated: use --prior")] = None,
     num_images: Annotated[int, typer.Option(help="samples per prompt (columns)")] = 8,
     steps: Annotated[int, typer.Option(help="DDIM steps")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 5.0,
@@ -459,10 +475,13 @@ def prior_sample(
         _fail(f"--num-images and --steps must be >= 1, got {num_images} and {steps}")
     if output.suffix.lower() != ".png":
         _fail(f"--output {output}: give a .png file")
+    if model is not None:
+        warn_deprecated("--model", "--prior")
+        prior = prior or model
     try:
-        pipe = load_prior_pipeline(model, device=device)
+        pipe = load_prior_pipeline(prior, device=device)
     except (OSError, ValueError) as err:
-        _fail(f"prior {model or 'embedded'}: {err}")
+        _fail(f"prior {prior or 'embedded'}: {err}")
     prompts = [p for p in prompt for _ in range(num_images)]
     images = sample_images(pipe, prompts, steps, guidance_scale, seed)
     with atomic_path(output) as tmp:

@@ -504,7 +504,7 @@ def build_dataset(config: BuildConfig) -> BuildResult:
             changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
             raise ValueError(
                 f"{out} holds a build with different settings ({', '.join(changed)}); "
-                "resume with the same config, pick another output_dir, or pass overwrite=true"
+                "resume with the same config, pick another output folder (-o), or pass --overwrite (overwrite: true in a config)"
             )
     else:
         write_json(ident_file, identity)

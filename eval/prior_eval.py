@@ -40,7 +40,7 @@ _FRONT_RELATIONS = ("left_of", "right_of", "on_top_of")
 class PriorEvalConfig:
     """Settings of ``coherendream eval prior``; each field is also a command-line option."""
 
-    model: str | None = field(default=None, metadata={"help": "prior: diffusers pipeline folder or hub id (default: the embedded prior)"})
+    prior: str | None = field(default=None, metadata={"help": "prior: diffusers pipeline folder or hub id (default: the embedded prior)", "deprecated_flags": ("--model",)})
     output_dir: str = field(default="outputs/eval/prior", metadata={"help": "folder for metrics.json, samples.csv and sample grids", "flags": ("--output", "-o")})
     samples_per_prompt: int = field(default=8, metadata={"help": "samples of each single-object prompt"})
     relation_prompts: int = field(default=40, metadata={"help": "two-group prompts (never seen in training)"})
@@ -110,9 +110,9 @@ def evaluate_prior(config: PriorEvalConfig) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     out = Path(config.output_dir)
-    pipe = load_prior_pipeline(config.model, device=config.device)  # fails before anything is written
+    pipe = load_prior_pipeline(config.prior, device=config.device)  # fails before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    holdout, seen = _read_training_info(config.model)
+    holdout, seen = _read_training_info(config.prior)
     judge = ImageJudge(resolution=32)
 
     singles = single_prompts()
@@ -147,7 +147,7 @@ def evaluate_prior(config: PriorEvalConfig) -> dict[str, Any]:
     both = [r for r in rel_rows if all(r["color_present"])]
     judge_acc = judge.accuracy_on_renders(singles, relations or relation_prompts(20, config.prompt_seed))
     metrics = {
-        "model": config.model or "embedded",
+        "model": config.prior or "embedded",
         "sampling": {"scheduler": "DDIM", "num_inference_steps": config.num_inference_steps, "guidance_scale": config.guidance_scale,
                      "seed": config.seed, "prompt_seed": config.prompt_seed},  # fmt: skip
         "single": {

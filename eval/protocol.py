@@ -40,7 +40,7 @@ def shard_index_field() -> Any:
 
 def check_common(config: Any) -> None:
     """Paths as ``Path``; ``batch_size`` and ``resolution`` (where the config has them) positive."""
-    for name in ("output_dir", "outputs_dir", "dataset_dir", "manifest", "root"):
+    for name in ("output_dir", "generations_dir", "dataset_dir", "manifest", "root"):
         value = getattr(config, name, None)
         if value is not None:
             setattr(config, name, Path(value))

@@ -4,8 +4,8 @@ Protocol (what :func:`run_t3bench` does for each prompt of each prompt file):
 
 1. **Asset.** Either generate it (a :class:`~coherendream.generation.runner.GenerateConfig`
    template with ``prompt`` and ``output_dir`` filled per prompt: ``<output_dir>/<set>/generations/<slug>``)
-   or take an existing output from ``outputs_dir``: ``<outputs_dir>/<set>/<slug>`` if it exists, else
-   ``<outputs_dir>/<slug>``; inside, ``gaussians.ply`` (a 3DGS PLY, what ``generate`` writes), else a
+   or take an existing output from ``generations_dir``: ``<generations_dir>/<set>/<slug>`` if it exists, else
+   ``<generations_dir>/<slug>``; inside, ``gaussians.ply`` (a 3DGS PLY, what ``generate`` writes), else a
    ``views/`` folder of images, else the folder's own images (see :func:`resolve_output`). A missing
    or broken asset is a per-prompt error (``errors.jsonl``), never the end of the run.
 2. **Cameras.** The vertices of a subdivided icosahedron (``trimesh.creation.icosphere``, the same
@@ -43,10 +43,10 @@ Protocol (what :func:`run_t3bench` does for each prompt of each prompt file):
 
 Slugs (:func:`prompt_slugs`): the prompt lower-cased, every run of characters other than ``a-z0-9``
 replaced by ``_``, trimmed to ``max_len`` (80) characters (``prompt`` if nothing is left); a slug
-already taken in the same file gets ``_2``, ``_3``, ... in file order. So ``outputs_dir`` folders
+already taken in the same file gets ``_2``, ``_3``, ... in file order. So ``generations_dir`` folders
 for a prompt file are predictable, filesystem-safe and unique.
 
-CLI: ``coherendream eval t3bench PROMPT_FILE... -o DIR (--outputs-dir DIR | --generate-config YAML)``;
+CLI: ``coherendream eval t3bench PROMPT_FILE... -o DIR (--generations DIR | --generate-config YAML)``;
 its options are :class:`T3BenchConfig`'s fields, plus ``--model``/``--adapter`` for the critic and
 ``--vqa-model`` (``coherendream eval t3bench --help``).
 """
@@ -460,7 +460,7 @@ class T3BenchConfig:
 
     prompt_files: list[Path] = field(metadata={"help": "T3Bench-style prompt files, one prompt a line (e.g. ../shared/bench/t3bench/prompt_multi.txt)", "argument": True})
     output_dir: Path = output_field("<set>/results.{json,csv}, <set>/errors.jsonl, <set>/report.html, summary.json")
-    outputs_dir: Path | None = field(default=None, metadata={"help": "existing generations: <dir>/<set>/<slug>/ or <dir>/<slug>/ with gaussians.ply or views"})
+    generations_dir: Path | None = field(default=None, metadata={"help": "existing generations: <dir>/<set>/<slug>/ or <dir>/<slug>/ with gaussians.ply or views", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
     generate_config: Path | None = field(default=None, metadata={"help": "generate each prompt with this `generate` YAML instead"})
     level: int = field(default=1, metadata={"help": "icosphere subdivision of the camera set (1: 42 views, 2: 162 as T3Bench)"})
     radius: float = field(default=2.2, metadata={"help": "distance of the icosphere cameras (T3Bench: 2.2)"})
@@ -476,8 +476,8 @@ class T3BenchConfig:
         self.prompt_files = [Path(f) for f in self.prompt_files]
         if self.generate_config is not None:
             self.generate_config = Path(self.generate_config)
-        if (self.outputs_dir is None) == (self.generate_config is None):
-            raise ValueError("give exactly one of outputs_dir (existing outputs) and generate_config (generate them)")
+        if (self.generations_dir is None) == (self.generate_config is None):
+            raise ValueError("give exactly one of generations_dir (existing outputs) and generate_config (generate them)")
         if not self.prompt_files:
             raise ValueError("no prompt files given")
 
@@ -487,7 +487,7 @@ def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, gene
 
     Args:
         config: the prompt files (all read first: an empty or missing file fails before any work),
-            the output folder, and exactly one of ``outputs_dir`` (existing outputs) and
+            the output folder, and exactly one of ``generations_dir`` (existing outputs) and
             ``generate_config`` (a ``generate`` YAML used as the template of every prompt's run).
             When generating, this process makes every ``num_shards``-th asset
             (``coherendream.shards``: else torchrun's ``RANK``/``WORLD_SIZE`` or a SLURM array);
@@ -503,9 +503,9 @@ def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, gene
         mean of each score column, and the files; ``merged`` is False (nothing scored yet) while
         other shards still generate.
     """
-    outputs_dir, level, radius, fov_y, resolution, batch_size = config.outputs_dir, config.level, config.radius, config.fov_y, config.resolution, config.batch_size
-    if outputs_dir is not None and not outputs_dir.is_dir():
-        raise FileNotFoundError(f"outputs_dir {outputs_dir}: not a folder")
+    generations_dir, level, radius, fov_y, resolution, batch_size = config.generations_dir, config.level, config.radius, config.fov_y, config.resolution, config.batch_size
+    if generations_dir is not None and not generations_dir.is_dir():
+        raise FileNotFoundError(f"generations folder {generations_dir}: not a folder")
     generate_config = None
     if config.generate_config is not None:
         from coherendream.config import load_config
@@ -532,7 +532,7 @@ def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, gene
     summary: dict[str, Any] = {"merged": True, "settings": {"level": level, "views": len(cameras), "radius": radius, "fov_y": fov_y,
                                             "resolution": resolution, "critic_views": int(critic.config.num_views),
                                             "vqa_views": int(vqa_scorer.config.num_views) if vqa_scorer is not None else None,
-                                            "source": "outputs" if outputs_dir is not None else "generate"},
+                                            "source": "outputs" if generations_dir is not None else "generate"},
                                "sets": {}}
     t0 = time.perf_counter()
     for prompt_file, prompts in sets:
@@ -548,7 +548,7 @@ def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, gene
             base = {"set": set_name, "slug": slug, "prompt": prompt}
             try:
                 if generated is None:
-                    asset = resolve_output(outputs_dir, slug, set_name)
+                    asset = resolve_output(generations_dir, slug, set_name)
                 elif "error" in generated[(set_name, slug)]:
                     raise EvalItemError(generated[(set_name, slug)]["reason"], generated[(set_name, slug)]["error"])
                 else:

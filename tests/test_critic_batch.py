@@ -358,7 +358,7 @@ def test_a_critic_that_is_not_there_is_named_in_one_line(tmp_path, render_dir, m
     for name in ("nobody/nonexistent", "mycritic"):
         with pytest.raises(FileNotFoundError, match=f"model '{name}': no such folder here"):
             Critic.from_pretrained(name, device="cpu")
-        res = CliRunner().invoke(app, ["critic", "score", "--model", name, "--input", str(render_dir), "-o", str(tmp_path / "out")])
+        res = CliRunner().invoke(app, ["critic", "score", "--critic", name, "--input", str(render_dir), "-o", str(tmp_path / "out")])
         assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output
         assert not (tmp_path / "out").exists()  # refused before anything is written
 
@@ -379,7 +379,7 @@ def test_critic_score_ends_with_the_reasons_for_rejects_and_their_remedy(tmp_pat
     write_views(tmp_path / "outside", 4, seed=1)
     (tmp_path / "m" / "list.csv").write_text("id,path,prompt\na,a,a red cube\nb,../outside,a blue cone\n")
     critic_dir = critic.save_pretrained(tmp_path / "critic")
-    res = CliRunner().invoke(app, ["critic", "score", "--model", str(critic_dir), "--input", str(tmp_path / "m" / "list.csv"), "-o", str(tmp_path / "out")])
+    res = CliRunner().invoke(app, ["critic", "score", "--critic", str(critic_dir), "--input", str(tmp_path / "m" / "list.csv"), "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output
     assert "scored 1 of 2" in res.output and "1 of 2 rejected: outside_root" in res.output and "pass --root" in res.output
 
@@ -389,7 +389,7 @@ def test_two_critic_score_processes_give_the_results_of_one(critic, render_dir, 
     import sys
 
     critic_dir = critic.save_pretrained(tmp_path / "critic")
-    args = [sys.executable, "-m", "coherendream.cli", "critic", "score", "--model", str(critic_dir), "--input", str(render_dir), "--chunk-size", "2"]
+    args = [sys.executable, "-m", "coherendream.cli", "critic", "score", "--critic", str(critic_dir), "--input", str(render_dir), "--chunk-size", "2"]
     subprocess.run([*args, "-o", str(tmp_path / "one")], check=True, capture_output=True)
     procs = [subprocess.Popen([*args, "-o", str(tmp_path / "two"), "--num-shards", "2", "--shard-index", str(i)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]  # fmt: skip

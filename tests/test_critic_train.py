@@ -336,7 +336,7 @@ def test_cli_scores_a_split_with_a_trained_adapter(tmp_path, tiny, dataset):
     from coherendream.cli import app
 
     out = train_critic(train_config(tiny, dataset, tmp_path / "adapter", max_steps=2))
-    res = CliRunner().invoke(app, ["critic", "score", "-i", str(dataset), "--split", "validation", "-o", str(tmp_path / "scores"), "--model", str(out)])
+    res = CliRunner().invoke(app, ["critic", "score", "-i", str(dataset), "--split", "validation", "-o", str(tmp_path / "scores"), "--critic", str(out)])
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in (tmp_path / "scores" / "scores.jsonl").read_text().splitlines()]
     assert len(rows) == len(load_built_dataset(dataset)["validation"])
@@ -344,7 +344,7 @@ def test_cli_scores_a_split_with_a_trained_adapter(tmp_path, tiny, dataset):
     with torch.no_grad():
         direct = Critic.from_pretrained(out).score(views, captions).prob_yes
     assert rows[0]["prob_yes"] == pytest.approx(float(direct[0]), abs=1e-5)
-    res = CliRunner().invoke(app, ["critic", "score", "-i", str(tmp_path / "missing"), "-o", str(tmp_path / "s2"), "--model", str(out)])
+    res = CliRunner().invoke(app, ["critic", "score", "-i", str(tmp_path / "missing"), "-o", str(tmp_path / "s2"), "--critic", str(out)])
     assert res.exit_code == 2 and "missing" in res.output
 
 

@@ -77,7 +77,7 @@ def test_prompt_files_and_slugs(tmp_path):
     with pytest.raises(ValueError, match="prompt_empty.txt.*no prompts"):
         t3bench.read_prompt_file(empty)
     with pytest.raises(ValueError, match="prompt_empty.txt"):
-        t3bench.run_t3bench(t3bench.T3BenchConfig([empty], tmp_path / "out", outputs_dir=tmp_path), StubScorer(lambda v, q: 0.5))
+        t3bench.run_t3bench(t3bench.T3BenchConfig([empty], tmp_path / "out", generations_dir=tmp_path), StubScorer(lambda v, q: 0.5))
     slugs = t3bench.prompt_slugs(["A red cube!", "a red cube", "../../etc/passwd", "", "x" * 200])
     assert slugs[:2] == ["a_red_cube", "a_red_cube_2"]
     assert len(set(slugs)) == len(slugs)
@@ -136,7 +136,7 @@ def test_t3bench_on_existing_outputs(tmp_path, tiny_critic):
     _nan_ply(outputs / slugs[4] / "gaussians.ply")
 
     vqa = StubScorer(lambda v, q: 0.25, num_views=9)
-    summary = t3bench.run_t3bench(t3bench.T3BenchConfig([pfile], tmp_path / "out", outputs_dir=outputs, level=1, resolution=32, batch_size=16,
+    summary = t3bench.run_t3bench(t3bench.T3BenchConfig([pfile], tmp_path / "out", generations_dir=outputs, level=1, resolution=32, batch_size=16,
                                                         report_grids=2), tiny_critic, vqa_scorer=vqa)  # fmt: skip
     s = summary["sets"]["prompt_tiny"]
     assert (s["prompts"], s["scored"], s["errors"]) == (5, 3, 2)

@@ -19,7 +19,7 @@ It reads top to bottom, like diffusers' ``train_text_to_image.py``:
    and the resolved settings.
 
 A run resumes from ``<output-dir>/checkpoint.pt`` when it is re-run with the same settings.
-Evaluate the result with ``coherendream eval prior --model <output-dir>/pipeline -o <folder>``;
+Evaluate the result with ``coherendream eval prior --prior <output-dir>/pipeline -o <folder>``;
 copy that folder to ``generation/embedded/`` to make it the toolkit's default prior.
 """
 
