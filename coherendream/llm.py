@@ -8,19 +8,90 @@ Used wherever the toolkit asks an LLM for something it then validates (layouts, 
 
 Both return the raw answer text. :func:`ask_until_valid` is the loop the callers share: parse the
 answer with the caller's validator and, when it is invalid, ask again with the answer and the
-reason shown. What the parsed value is, and the rule-based fallback when every attempt fails,
-belong to the caller, since LLM output is untrusted input.
+reason shown; :func:`extract_json` finds the JSON in an answer, bounded and with only finite
+numbers. What the parsed value is, and the rule-based fallback when every attempt fails, belong to
+the caller, since LLM output is untrusted input.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
+
+MAX_ANSWER_CHARS = 100_000  # json.loads never sees megabytes of untrusted text
+_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n?(.*?)```", re.S)
+_MAX_BRACE_STARTS = 32  # decodes tried in prose around the JSON, so many braces cost little
 
 
 class LLMError(ValueError):
     """The endpoint or model gave no usable answer (no choices, no text, no chat template)."""
+
+
+def extract_json(text: str, error: type[Exception] = ValueError, key: str | None = None, lists: bool = False) -> Any:
+    """The JSON object in an LLM answer: bare, in a ```json fence, or wrapped in prose.
+
+    Args:
+        text: the answer; longer than :data:`MAX_ANSWER_CHARS` is refused before any parsing.
+        error: the exception raised (the caller's own, e.g. ``LayoutError``), with a message that
+            says what was wrong: empty, too long, not valid JSON, NaN/Infinity or a non-finite
+            number, nested too deeply, no JSON object.
+        key: in prose, only an object holding this key is taken (the first few ``{`` are tried).
+        lists: a bare (or fenced) JSON list is accepted too.
+    """
+
+    def reject_constant(name: str) -> float:
+        raise error(f"the JSON contains {name}; only finite numbers are allowed")
+
+    def finite_float(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):  # "1e999" parses to inf
+            raise error(f"the JSON number {number[:30]} is not finite")
+        return value
+
+    if not isinstance(text, str):
+        raise error(f"expected the answer as text, got {type(text).__name__}")
+    if len(text) > MAX_ANSWER_CHARS:
+        raise error(f"answer is {len(text)} characters long, more than the {MAX_ANSWER_CHARS} allowed")
+    stripped = text.strip()
+    if not stripped:
+        raise error("answer is empty")
+    decoder = json.JSONDecoder(parse_constant=reject_constant, parse_float=finite_float)
+    first_error: Exception | None = None
+    for candidate in [m.strip() for m in _FENCE.findall(stripped)] + [stripped]:
+        if candidate.startswith("{") or (lists and candidate.startswith("[")):
+            try:
+                value = decoder.decode(candidate)
+            except error as err:
+                first_error = first_error or err
+                continue
+            except RecursionError:
+                raise error("the JSON is nested too deeply") from None
+            except ValueError as err:  # JSONDecodeError, or an integer with too many digits
+                first_error = first_error or error(f"not valid JSON: {err}")
+                continue
+            if isinstance(value, dict) or (lists and isinstance(value, list)):
+                return value
+    for n, match in enumerate(re.finditer(r"\{", stripped)):
+        if n >= _MAX_BRACE_STARTS:
+            break
+        try:
+            value, _ = decoder.raw_decode(stripped, match.start())
+        except error as err:
+            first_error = first_error or err
+            continue
+        except RecursionError:
+            raise error("the JSON is nested too deeply") from None
+        except ValueError:
+            continue
+        if isinstance(value, dict) and (key is None or key in value):
+            return value
+    if first_error is not None:
+        raise first_error
+    raise error(f"no JSON object found in the answer (starts with {stripped[:60]!r})")
 
 
 class Attempts(NamedTuple):

@@ -37,7 +37,7 @@ answer is "yes" when P(yes) >= ``threshold`` (0.5). Scores (:func:`tifa_scores`)
 accuracy (correct answers / questions), the mean over prompts (TIFA's score), and per element type
 the accuracy over all questions of that type (micro average) with its count.
 
-CLI: ``coherendream eval tifa PROMPT_FILE --outputs-dir DIR -o DIR``; its options are
+CLI: ``coherendream eval tifa PROMPT_FILE --generations DIR -o DIR``; its options are
 :class:`TifaConfig`'s fields, plus ``--model``/``--adapter`` for the answering critic
 (``coherendream eval tifa --help``).
 """
@@ -45,7 +45,6 @@ CLI: ``coherendream eval tifa PROMPT_FILE --outputs-dir DIR -o DIR``; its option
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -59,7 +58,7 @@ import numpy as np
 from coherendream.cameras import OrbitSpec, scorer_orbit
 from coherendream.eval.protocol import batch_size_field, check_common, output_field, resolution_field
 from coherendream.io import write_json, write_jsonl
-from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid
+from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid, extract_json
 
 logger = logging.getLogger(__name__)
 
@@ -315,24 +314,6 @@ Answer: {"questions": [{"question": "Are there apples?", "answer": "yes", "eleme
 {"question": "Are the apples red?", "answer": "no", "element": "red apple", "element_type": "colour"}]}"""
 
 
-def _extract_json(text: str) -> Any:
-    """The JSON object in an LLM answer (a ```json fence or text around it tolerated)."""
-    s = str(text).strip()
-    fence = re.search(r"```(?:json)?\s*(.*?)```", s, re.DOTALL)
-    if fence:
-        s = fence.group(1).strip()
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        start, end = s.find("{"), s.rfind("}")
-        if start >= 0 and end > start:
-            try:
-                return json.loads(s[start : end + 1])
-            except json.JSONDecodeError as err:
-                raise QuestionError(f"not valid JSON ({err.msg} at char {err.pos})") from err
-        raise QuestionError("no JSON object in the answer") from None
-
-
 def parse_llm_questions(text: str, max_questions: int = DEFAULT_MAX_QUESTIONS) -> list[Question]:
     """Validate an LLM's question list; raises :class:`QuestionError` saying what is wrong.
 
@@ -342,7 +323,7 @@ def parse_llm_questions(text: str, max_questions: int = DEFAULT_MAX_QUESTIONS) -
     (common synonyms such as "color", "relation" understood; anything else becomes "other").
     Duplicate questions are an error (a model looping on one question).
     """
-    data = _extract_json(text)
+    data = extract_json(text, QuestionError, key="questions", lists=True)
     if isinstance(data, Mapping):
         if "questions" not in data:
             raise QuestionError(f'the JSON object has no "questions" key (keys: {sorted(data)[:10]})')
@@ -538,7 +519,7 @@ class TifaConfig:
     """What ``eval tifa`` asks and where it writes; each field is also a command-line option."""
 
     prompt_file: Path = field(metadata={"help": "prompts, one a line", "argument": True})
-    outputs_dir: Path = field(metadata={"help": "generations: <dir>/<slug>/ (or <dir>/<file stem>/<slug>/) with gaussians.ply or views"})
+    generations_dir: Path = field(metadata={"help": "generations: <dir>/<slug>/ (or <dir>/<file stem>/<slug>/) with gaussians.ply or views", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
     output_dir: Path = output_field("questions.jsonl, answers.jsonl, scores.{json,csv}, summary.json, errors.jsonl")
     questions: str = field(default="rules", metadata={"help": "question generator: rules, openai (any OpenAI-compatible endpoint) or transformers"})
     llm_model: str | None = field(default=None, metadata={"help": "LLM for openai/transformers question generation"})
@@ -557,7 +538,7 @@ class TifaConfig:
         if self.questions not in ("rules", "openai", "transformers"):
             raise ValueError(f"questions must be rules, openai or transformers, got {self.questions!r}")
         if self.questions != "rules" and not self.llm_model:
-            raise ValueError(f"questions={self.questions} needs llm_model (--llm-model)")
+            raise ValueError(f"questions={self.questions} needs llm_model")
         if not 0 < self.threshold < 1:
             raise ValueError(f"threshold must be in (0, 1), got {self.threshold}")
 
@@ -577,7 +558,7 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
     Args:
         config: the prompts (slugs as in :func:`coherendream.eval.t3bench.prompt_slugs`), where the
             generations are (``<slug>/gaussians.ply`` or views, see ``t3bench.resolve_output``;
-            ``<outputs_dir>/<file stem>/<slug>`` is tried first), the output folder, the question
+            ``<generations_dir>/<file stem>/<slug>`` is tried first), the output folder, the question
             generator and the threshold of a "yes". PLYs are rendered from ``config.orbit``, by
             default the scorer's own orbit (``coherendream.cameras.scorer_orbit``: the cameras its
             critic was trained on); a view folder is used as it is.
@@ -596,7 +577,7 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
 
     prompts, set_name = read_prompts(config.prompt_file)
     generator = generator or config.question_generator()
-    outputs_dir, threshold, resolution, batch_size = config.outputs_dir, config.threshold, config.resolution, config.batch_size
+    generations_dir, threshold, resolution, batch_size = config.generations_dir, config.threshold, config.resolution, config.batch_size
     v = int(scorer.config.num_views)
     cams = dataclasses.replace(config.orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
     out = config.output_dir
@@ -608,7 +589,7 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
         qsets.append({"id": slug, "prompt": prompt, "source": qset.source, "attempts": qset.attempts,
                       "errors": qset.errors, "questions": [q.to_dict() for q in qset.questions]})
         try:
-            views, rendered = load_asset_views(resolve_output(outputs_dir, slug, set_name), cams, resolution)
+            views, rendered = load_asset_views(resolve_output(generations_dir, slug, set_name), cams, resolution)
             if not rendered:
                 views = [views[i] for i in group_images(len(views), v)[0]]
         except EvalItemError as err:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -31,10 +30,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from coherendream.llm import extract_json as llm_extract_json
 from coherendream.vocabulary import ALL_COLORS, GREY, OVERLAP_OK_RELATIONS, first_color_word, normalise_relation, relation_holds
 
-# Limits on untrusted input. The text limit comes first so that json.loads never sees megabytes.
-MAX_TEXT_CHARS = 100_000
+# Limits on untrusted input (the answer's length is bounded by coherendream.llm.extract_json first).
 MAX_OBJECTS = 16
 MAX_RELATIONS = 64
 MAX_NAME_CHARS = 64
@@ -241,75 +240,11 @@ def _summarise_validation_error(err: ValidationError, limit: int = 6) -> str:
 # Parsing untrusted text
 # ---------------------------------------------------------------------------------------------------
 
-def _reject_constant(name: str) -> float:
-    raise LayoutError(f"the JSON contains {name}; only finite numbers are allowed")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # "1e999" parses to inf
-        raise LayoutError(f"the JSON number {text[:30]} is not finite")
-    return value
-
-
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
-    except LayoutError:
-        raise
-    except RecursionError:
-        raise LayoutError("the JSON is nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, or an integer with too many digits
-        raise LayoutError(f"not valid JSON: {e}") from None
-
-
-_FENCE = re.compile(r"```[ \t]*(?:json|JSON)?[ \t]*\r?\n?(.*?)```", re.S)
-_MAX_BRACE_STARTS = 32
-
-
 def extract_json(text: str) -> dict:
-    """The layout JSON object inside an LLM answer: bare, in a ```json fence, or wrapped in prose.
-
-    Raises :class:`LayoutError` when the text is too long, holds NaN/Infinity, or holds no JSON object.
-    """
-    if not isinstance(text, str):
-        raise LayoutError(f"expected the answer as text, got {type(text).__name__}")
-    if len(text) > MAX_TEXT_CHARS:
-        raise LayoutError(f"answer is {len(text)} characters long, more than the {MAX_TEXT_CHARS} allowed")
-    stripped = text.strip()
-    if not stripped:
-        raise LayoutError("answer is empty")
-    candidates = [m.strip() for m in _FENCE.findall(stripped)] + [stripped]
-    first_error: LayoutError | None = None
-    for cand in candidates:
-        if cand.startswith("{"):
-            try:
-                obj = _loads(cand)
-            except LayoutError as e:
-                first_error = first_error or e
-                continue
-            if isinstance(obj, dict):
-                return obj
-    # Prose around the JSON: decode from the first few "{" (bounded, so adversarial text with many
-    # braces costs at most _MAX_BRACE_STARTS decodes).
-    decoder = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
-    for n, m in enumerate(re.finditer(r"\{", stripped)):
-        if n >= _MAX_BRACE_STARTS:
-            break
-        try:
-            obj, _ = decoder.raw_decode(stripped, m.start())
-        except LayoutError as e:
-            first_error = first_error or e
-            continue
-        except RecursionError:
-            raise LayoutError("the JSON is nested too deeply") from None
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "objects" in obj:
-            return obj
-    if first_error is not None:
-        raise first_error
-    raise LayoutError(f"no JSON object found in the answer (starts with {stripped[:60]!r})")
+    """The layout JSON object inside an LLM answer: bare, in a ```json fence, or wrapped in prose
+    (``coherendream.llm.extract_json``). Raises :class:`LayoutError` when the text is too long,
+    holds NaN/Infinity, or holds no JSON object."""
+    return llm_extract_json(text, LayoutError, key="objects")
 
 
 def _precheck(data: Any) -> None:

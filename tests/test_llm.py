@@ -1,5 +1,7 @@
 """The retry loop shared by the LLM layout planner and the TIFA question generator."""
 
+import pytest
+
 from coherendream.llm import ask_until_valid
 
 
@@ -38,3 +40,19 @@ def test_failed_requests_and_invalid_answers_end_in_no_value():
     assert asked.value is None and asked.attempt == 2 and asked.answers == ["x"]
     assert "request failed: ConnectionError" in asked.errors[0] and "not a number" in asked.errors[1]
     assert len(calls[1]) == 1  # a failed request adds no feedback turns
+
+
+def test_extract_json_is_shared_by_layouts_and_questions():
+    from coherendream.llm import extract_json
+
+    class Refused(ValueError):
+        pass
+
+    assert extract_json('Here:\n```json\n[{"question": "Is it red?"}]\n```', Refused, lists=True) == [{"question": "Is it red?"}]
+    with pytest.raises(Refused, match="no JSON object"):
+        extract_json("[1, 2]", Refused)  # a list only where the caller accepts one
+    assert extract_json('I think {"a": 1} and then {"questions": []} fits', Refused, key="questions") == {"questions": []}
+    for bad, why in (('{"x": NaN}', "NaN"), ('{"x": 1e999}', "not finite"), ("", "empty"), ("{" * 5, "not valid JSON"),
+                     ("x" * 100_001, "characters long")):  # fmt: skip
+        with pytest.raises(Refused, match=why):
+            extract_json(bad, Refused)
