@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri assimp-testmodels
+APT_PACKAGES := libegl1 libegl-mesa0 libgl1-mesa-dri libassimp5 assimp-testmodels
 
 .PHONY: system-deps install test demo clean
 
-# Headless OpenGL (Mesa EGL, llvmpipe on CPU) for rendering, and the assimp test models for tests.
+# Headless OpenGL (Mesa EGL, llvmpipe on CPU) for rendering, assimp for FBX, DAE, 3DS, ... (with
+# libdraco for Draco-compressed glTF), and the assimp test models for tests.
 system-deps:
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $(APT_PACKAGES); \

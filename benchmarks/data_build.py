@@ -19,13 +19,14 @@ import time
 from pathlib import Path
 
 from coherendream.config import from_dict
+from coherendream.data.assets import mesh_extensions
 from coherendream.data.build import BuildConfig, build_dataset
 
 ASSIMP = Path("/usr/share/assimp/models")
 
 
 def assimp_manifest(folder: Path) -> Path:
-    files = sorted(p for p in ASSIMP.rglob("*") if p.suffix.lower() in (".glb", ".gltf", ".obj", ".ply", ".stl", ".off"))
+    files = sorted(p for p in ASSIMP.rglob("*") if p.is_file() and p.suffix.lower() in mesh_extensions())
     path = folder / "assimp.jsonl"
     with path.open("w") as fh:
         for i, p in enumerate(files):

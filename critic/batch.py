@@ -102,9 +102,9 @@ def select_views(folder: str | Path, num_views: int) -> list[Path]:
     if not folder.exists():
         raise ItemError("missing_folder", f"{folder}: folder of views not found")
     if not folder.is_dir():
-        from coherendream.data.assets import MESH_EXTENSIONS
+        from coherendream.data.assets import mesh_extensions
 
-        if folder.suffix.lower() in MESH_EXTENSIONS:  # a 3D asset: it needs rendering first
+        if folder.suffix.lower() in mesh_extensions():  # a 3D asset: it needs rendering first
             raise ItemError("not_a_folder", f"{folder}: a 3D file, not a folder of view images; `coherendream eval assets` renders and scores 3D files")
         raise ItemError("not_a_folder", f"{folder}: not a folder of view images")
     files = list_view_images(folder)

@@ -86,10 +86,15 @@ class RenderConfig:
     samples: int = 4  # MSAA samples
     depth: bool = False  # add a `depth` column (16-bit PNG, millimetres of the unit-cube frame; 0 = background)
     normals: bool = False  # add a `normals` column (RGBA PNG, world normal * 0.5 + 0.5; alpha = coverage)
+    # An asset with fewer views showing anything is rejected (a flat mesh seen edge-on is invisible
+    # from two of four views); each row records its count in `visible_views`.
+    min_visible_views: int = 1
 
     def __post_init__(self) -> None:
         if not self.resolution >= 1:
             raise ValueError(f"resolution must be a positive number of pixels, got {self.resolution}")
+        if not 1 <= self.min_visible_views <= self.orbit.num_views:
+            raise ValueError(f"min_visible_views must be between 1 and the orbit's {self.orbit.num_views} views, got {self.min_visible_views}")
         if self.samples < 0:
             raise ValueError(f"samples (MSAA) must be >= 0, got {self.samples}")
 
@@ -181,6 +186,7 @@ def dataset_features(config: BuildConfig, with_split: bool = False):
         "source": Value("string"),
         "views_meta": List(view_meta),
         "layout": Value("string"),
+        "visible_views": Value("int32"),
     }
     if config.render.depth:
         features["depth"] = List(Image())
@@ -241,6 +247,11 @@ class _Views:
     layout: str = ""
     scene: Scene | None = None  # procedural scenes: the ground truth that negatives are checked against
 
+    @property
+    def visible_views(self) -> int:
+        """Views in which anything covers a pixel."""
+        return int(np.any(self.rgba[..., 3] > 0, axis=(1, 2)).sum())
+
 
 class ChunkBuilder:
     """Turns the assets of one chunk into rows. One per process: it owns an OpenGL context."""
@@ -294,8 +305,12 @@ class ChunkBuilder:
             asset = load_mesh(ref.path, uid=ref.uid, caption=ref.caption)
         cameras = cfg.orbit.cameras(cfg.resolution, rng=self._rng(ref, 0))
         out = self.renderer.render(asset, cameras, depth=cfg.depth, normals=cfg.normals)
-        if not np.any(out.rgba[..., 3] > 0):
+        visible = int(np.any(out.rgba[..., 3] > 0, axis=(1, 2)).sum())
+        if visible == 0:
             raise AssetError("empty_render", f"{ref.path or ref.uid}: nothing visible in any view", stage="render")
+        if visible < cfg.min_visible_views:
+            raise AssetError("too_few_visible_views", f"{ref.path or ref.uid}: {visible} of {len(cameras)} views show anything, "
+                             f"render.min_visible_views is {cfg.min_visible_views} (a flat mesh seen edge-on?)", stage="render")  # fmt: skip
         meta = [{"asset_id": ref.uid, **cam.to_meta()} for cam in cameras]
         views = _Views(ref, split, out.rgba, meta, [self._png(v) for v in out.rgba], layout=layout, scene=scene)
         if out.depth is not None:
@@ -433,6 +448,7 @@ class ChunkBuilder:
             "source": item.ref.kind,
             "views_meta": meta,
             "layout": item.layout,
+            "visible_views": item.visible_views,
             "split": item.split,
         }
         if cfg.render.depth:

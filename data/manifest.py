@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-from coherendream.data.assets import MESH_EXTENSIONS, AssetError
+from coherendream.data.assets import AssetError, mesh_extensions
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 MAX_CAPTION_CHARS = 2000
@@ -220,7 +220,7 @@ def scan_mesh_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:
     if not folder.is_dir():
         raise FileNotFoundError(f"mesh folder {folder}: not found")
     refs, rejected = [], []
-    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in MESH_EXTENSIONS and p.is_file()):
+    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in mesh_extensions() and p.is_file()):
         uid = file.relative_to(folder).with_suffix("").as_posix()
         caption_file = file.with_suffix(".txt")
         caption = " ".join(caption_file.read_text(encoding="utf-8", errors="replace").split()) if caption_file.is_file() else ""

@@ -68,7 +68,7 @@ def render_asset(path: str | Path, cameras: list, resolution: int, renderer=None
 
     from PIL import Image
 
-    from coherendream.data.assets import MESH_EXTENSIONS, AssetError, load_mesh
+    from coherendream.data.assets import AssetError, load_mesh, mesh_extensions
 
     path = Path(path)
     if not path.is_file():
@@ -86,8 +86,8 @@ def render_asset(path: str | Path, cameras: list, resolution: int, renderer=None
         if not all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()):
             raise AssetError("non_finite", f"{path}: Gaussian parameters contain NaN or inf")
         return render_gaussians(model, cams, resolution)
-    if path.suffix.lower() not in MESH_EXTENSIONS:
-        raise AssetError("unsupported_format", f"{path}: not a mesh ({', '.join(MESH_EXTENSIONS)}), a 3DGS PLY or a folder of views")
+    if path.suffix.lower() not in mesh_extensions():
+        raise AssetError("unsupported_format", f"{path}: not a mesh ({', '.join(mesh_extensions())}), a 3DGS PLY or a folder of views")
     asset = load_mesh(path)
     if renderer is None:
         from coherendream.data.render import MeshRenderer

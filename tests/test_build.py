@@ -155,7 +155,8 @@ def write_meshes(root: Path) -> None:
     trimesh.creation.box().export(root / "meshes" / "cube.off")
     (root / "meshes" / "nan.obj").write_text("v 0 0 0\nv 1 0 0\nv nan 1 0\nf 1 2 3\n")
     (root / "meshes" / "garbage.glb").write_bytes(b"glTF\x02\x00\x00\x00garbage-garbage")
-    (root / "meshes" / "model.fbx").write_text("not supported")
+    (root / "meshes" / "model.fbx").write_text("not an fbx")  # a format assimp reads, but broken
+    (root / "meshes" / "model.xyz").write_text("not a 3D format")
     (root.parent / "secret.obj").write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\n")
     (root / "meshes" / "link.obj").symlink_to(root.parent / "secret.obj")
 
@@ -172,6 +173,7 @@ def test_manifest_with_bad_rows_keeps_the_good_ones(tmp_path):
         ("nan", "meshes/nan.obj", "a broken triangle"),
         ("garbage", "meshes/garbage.glb", "garbage bytes"),
         ("fbx", "meshes/model.fbx", "an fbx model"),
+        ("xyz", "meshes/model.xyz", "a point list"),
         ("missing", "meshes/nothere.obj", "a missing file"),
         ("escape", "../secret.obj", "outside the root"),
         ("link", "meshes/link.obj", "a link leading outside"),
@@ -186,12 +188,13 @@ def test_manifest_with_bad_rows_keeps_the_good_ones(tmp_path):
     assert {u: r["reason"] for u, r in rejected.items()} == {
         "nan": "non_finite",
         "garbage": "corrupt",
-        "fbx": "unsupported_format",
+        "fbx": "corrupt",  # read by assimp, which refuses it
+        "xyz": "unsupported_format",
         "missing": "missing_file",
         "escape": "outside_root",
         "link": "outside_root",
         "nocap": "empty_prompt",
-        "<manifest.csv:14>": "duplicate_id",  # the second row with uid "box"
+        "<manifest.csv:15>": "duplicate_id",  # the second row with uid "box"
     }
     assert "secret.obj" not in json.dumps([r for r in rejected.values() if r["reason"] != "outside_root"])
     ds = load_built_dataset(tmp_path / "m")["train"]
