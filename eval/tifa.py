@@ -62,10 +62,11 @@ from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid, extr
 
 logger = logging.getLogger(__name__)
 
-ELEMENT_TYPES = ("object", "colour", "count", "spatial", "other")
+ELEMENT_TYPES = ("object", "colour", "count", "attribute", "spatial", "other")
 _TYPE_ALIASES = {"color": "colour", "colors": "colour", "colours": "colour", "counting": "count", "number": "count",
                  "quantity": "count", "relation": "spatial", "spatial relation": "spatial", "location": "spatial",
-                 "objects": "object", "entity": "object"}
+                 "objects": "object", "entity": "object", "material": "attribute", "shape": "attribute", "size": "attribute",
+                 "attributes": "attribute", "property": "attribute"}
 MAX_QUESTION_CHARS = 300
 DEFAULT_MAX_QUESTIONS = 12
 
@@ -192,76 +193,88 @@ def _procedural_questions(cap: Any, contrast: bool) -> list[Question]:
 
 
 def _free_text_questions(prompt: str) -> list[Question]:
-    from coherendream.data.negatives import (
-        COLOR_FAMILY,
-        NOUN_CATEGORY,
-        PLURAL_TO_SINGULAR,
-        plural,
-    )
+    """Questions from the rule-based layout planner's reading of a free prompt (the one parser of
+    object phrases the toolkit has): per object group, whether it is there, how many, its colour and
+    other attributes; per relation, whether it holds. A prompt it finds no object in gets the one
+    question whether the views show the prompt."""
+    from coherendream.generation.layout_rules import _ADJECTIVES, RuleBasedPlanner, _is_modifier_form, _singular
+    from coherendream.vocabulary import COLOR_WORDS, RELATIONS
 
-    words = [(m.group().lower(), m.start()) for m in re.finditer(r"[A-Za-z]+|\d+", prompt)]
-    lower = [w for w, _ in words]
-
-    def noun_at(i: int) -> tuple[str, bool] | None:
-        """(singular, is_plural) when word i is a known object noun."""
-        w = lower[i]
-        if w in COLOR_FAMILY:
-            return None
-        singular = PLURAL_TO_SINGULAR.get(w, w)
-        if singular in NOUN_CATEGORY:
-            return singular, singular != w
-        return None
-
-    def next_noun(i: int, within: int = 3) -> tuple[int, str, bool] | None:
-        for j in range(i + 1, min(len(lower), i + 1 + within)):
-            hit = noun_at(j)
-            if hit:
-                return j, *hit
-        return None
-
+    layout = RuleBasedPlanner().plan_layout(prompt)
+    whole = " ".join(prompt.lower().split()).rstrip(".")
+    # "tree 1", "tree 2" are one group of two trees
+    groups: dict[str, dict] = {}
+    index_group: list[str | None] = []
+    for o in layout.objects:
+        name = re.sub(r" \d+$", "", o.name)
+        if name.split()[-1] in _FUNCTION_WORDS or len(name.split()[-1]) < 2:
+            index_group.append(None)
+            continue  # not an object: the planner's box for a word it could not place
+        g = groups.setdefault(name, {"count": 0, "prompt": o.prompt})
+        g["count"] += 1
+        index_group.append(name)
     qs: list[Question] = []
     seen: set[str] = set()
 
-    def add(q: Question) -> None:
-        if q.question.lower() not in seen:
-            seen.add(q.question.lower())
-            qs.append(q)
+    def add(question: str, element: str, kind: str) -> None:
+        if question.lower() not in seen:
+            seen.add(question.lower())
+            qs.append(Question(question, "yes", element, kind, exact=False))
 
-    nouns = [(i, *noun_at(i)) for i in range(len(lower)) if noun_at(i)]
-    for _, singular, is_plural in nouns:
-        q = f"Are there {plural(singular)}?" if is_plural else f"Is there {_article(singular)} {singular}?"
-        add(Question(q, "yes", singular, "object", exact=False))
-    for i, w in enumerate(lower):
-        if w in COLOR_FAMILY:
-            hit = next_noun(i)
-            if hit:
-                _, singular, is_plural = hit
-                q = f"Are the {plural(singular)} {w}?" if is_plural else f"Is the {singular} {w}?"
-                add(Question(q, "yes", f"{w} {singular}", "colour", exact=False))
+    if not groups or any(len(o.prompt.split()) > 12 for o in layout.objects):
+        # no object phrase found (the planner's one box is the prompt itself): one question about the whole
+        return [Question(f'Does this show "{" ".join(prompt.split())}"?', "yes", prompt, "other", exact=False)]
+    prompt_words = set(re.findall(r"[a-z]+|\d+", whole))
+    for name, g in groups.items():
+        # the words before the head that are nouns ("sewing box", "wine bottle") name the object;
+        # adjectives, colours and -ed/-ing/-ly forms are its attributes
+        words = [w for w in re.findall(r"[a-z]+", g["prompt"].lower()) if w not in _SKIP_WORDS]
+        head = name.split()[-1]
+        at = max((k for k, w in enumerate(words) if w == head or _singular(w) == head), default=len(words))
+        compound, attributes = [], []
+        for w in reversed(words[:at]):
+            if w.endswith("ly"):
+                continue  # an adverb ("softly worn") qualifies the next word, not the object
+            # a noun or an -ing word right before the head is part of its name: "wine bottle", "sewing box"
+            if not attributes and w not in _ADJECTIVES and (not _is_modifier_form(w) or w.endswith("ing")):
+                compound.insert(0, w)
             else:
-                add(Question(f"Is something {w}?", "yes", w, "colour", exact=False))
-        n = _WORD_NUMBER.get(w) or (int(w) if w.isdigit() and 1 < int(w) < 100 else None)
-        if n and n > 1:
-            hit = next_noun(i)
-            if hit:
-                _, singular, _p = hit
-                add(Question(f"Are there {_NUMBER_WORD.get(n, str(n))} {plural(singular)}?", "yes", f"{n} {singular}", "count", exact=False))
-    # Relations: a phrase from the negatives' relation list between two known nouns.
-    from coherendream.data.negatives import RELATION_RE
-
-    for m in RELATION_RE.finditer(prompt):
-        phrase = m.group().lower()
-        if phrase in ("on", "in"):
-            continue  # too often part of a verb phrase ("turned on", "dressed in")
-        before = [t for t in nouns if words[t[0]][1] < m.start()]
-        after = [t for t in nouns if words[t[0]][1] >= m.end()]
-        if before and after:
-            (_, a, ap), (_, b, bp) = before[-1], after[0]
-            sa, sb = (plural(a) if ap else a), (plural(b) if bp else b)
-            add(Question(f"{'Are' if ap else 'Is'} the {sa} {phrase} the {sb}?", "yes", phrase, "spatial", exact=False))
-    if not qs:
-        add(Question(f'Does this show "{" ".join(prompt.split())}"?', "yes", prompt, "other", exact=False))
+                attributes.insert(0, w)
+        noun = " ".join([*compound, head])
+        g["noun"] = noun
+        many = g["count"] > 1
+        the = f"the {_plural(noun)}" if many else f"the {noun}"
+        add(f"Are there {_plural(noun)}?" if many else f"Is there {_article(noun)} {noun}?", noun, "object")
+        number = _NUMBER_WORD.get(g["count"], str(g["count"]))
+        if many and (number in prompt_words or str(g["count"]) in prompt_words):  # a count the prompt states
+            add(f"Are there {number} {_plural(noun)}?", f"{g['count']} {noun}", "count")
+        for w in attributes:
+            add(f"{'Are' if many else 'Is'} {the} {w}?", f"{w} {noun}", "colour" if w in COLOR_WORDS else "attribute")
+    phrases = {**RELATIONS, "above": "above", "below": "below", "inside": "in", "with": "with"}
+    for r in layout.relations:
+        a, b = index_group[r.subject], index_group[r.object]
+        if a is None or b is None or a == b:
+            continue
+        na, nb = groups[a]["noun"], groups[b]["noun"]
+        sa = f"the {_plural(na)}" if groups[a]["count"] > 1 else f"the {na}"
+        sb = f"the {_plural(nb)}" if groups[b]["count"] > 1 else f"the {nb}"
+        if r.relation == "with":  # "a man with a beard": the beard is with (held, worn by) the man
+            add(f"{'Do' if groups[b]['count'] > 1 else 'Does'} {sb} have {sa}?", r.relation, "spatial")
+        else:
+            add(f"{'Are' if groups[a]['count'] > 1 else 'Is'} {sa} {phrases[r.relation]} {sb}?", r.relation, "spatial")
     return qs
+
+
+# Words of an object's prompt that are not its attributes, and words that are never an object.
+_SKIP_WORDS = frozenset("a an the of and with one two three four five six seven eight nine ten some".split())
+_FUNCTION_WORDS = _SKIP_WORDS | frozenset("in on at to for from by above below under over it this that these those his her their its".split())
+
+
+def _plural(name: str) -> str:
+    from coherendream.data.negatives import plural
+
+    words = name.split()
+    return " ".join([*words[:-1], plural(words[-1])])
 
 
 def rule_questions(prompt: str, contrast: bool = True, max_questions: int | None = None) -> list[Question]:
@@ -303,7 +316,7 @@ Rules:
 - "answer" is the answer that an image exactly matching the prompt gives.
 - You may add a few questions whose answer is "no" when the prompt makes the answer certain
   (e.g. a colour the prompt's object does not have).
-- element_type is one of: object, colour, count, spatial, other.
+- element_type is one of: object, colour, count, attribute, spatial, other.
 - At most {max_questions} questions; each question is one short sentence ending with "?".
 
 Example. Prompt: two green apples on a wooden table

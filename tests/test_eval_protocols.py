@@ -246,8 +246,19 @@ def test_rule_questions_free_text_are_sensible():
     assert texts["Are there two trees?"].element_type == "count"
     assert "Is the car next to the trees?" in texts
     assert all(q.answer == "yes" and not q.exact for q in qs)
-    fallback = tifa.rule_questions("A colorful zebroid")
-    assert len(fallback) == 1 and fallback[0].element_type == "other" and "zebroid" in fallback[0].question
+    zebroid = {q.question: q.element_type for q in tifa.rule_questions("A colorful zebroid")}  # a noun no list knows
+    assert zebroid == {"Is there a zebroid?": "object", "Is the zebroid colorful?": "attribute"}
+    # a question for each object, attribute and relation the prompt names, the count only when it says one
+    student = [q.question for q in tifa.rule_questions("A student is typing on his laptop")]
+    assert student[:2] == ["Is there a student?", "Is there a laptop?"] and len(student) == 3
+    questions = {q.question: q.element_type for q in tifa.rule_questions("An old man with a long white beard sits on a wooden bench")}
+    assert {"Is there a man?", "Is the man old?", "Is the beard white?", "Does the man have the beard?",
+            "Is the man on top of the bench?", "Is the bench wooden?"} <= set(questions)  # fmt: skip
+    sewing = {q.question for q in tifa.rule_questions("Colorful beads are scattered around a small, yellow sewing box")}
+    assert "Is there a sewing box?" in sewing and "Is the sewing box yellow?" in sewing
+    assert not any(q.startswith("Are there three") for q in sewing)  # the planner's three beads are not the prompt's
+    fallback = tifa.rule_questions("Of the above.")
+    assert len(fallback) == 1 and fallback[0].element_type == "other"
     with pytest.raises(ValueError, match="empty"):
         tifa.rule_questions("   ")
 
