@@ -233,25 +233,42 @@ def _assimp_meshes(path: Path) -> list:
     """
     if not assimp_extensions():
         raise AssetError("unsupported_format", f"{path}: needs assimp, which is not installed (`make system-deps` adds libassimp5)")
-    import multiprocessing
+    # os.fork rather than multiprocessing: the data builder's worker processes are daemonic, and
+    # multiprocessing refuses children to those.
+    import pickle
+    import select
+    import signal
+    import time
 
-    context = multiprocessing.get_context("fork")
-    receive, send = context.Pipe(duplex=False)
-    child = context.Process(target=_assimp_child, args=(str(path), send), daemon=True)
-    child.start()
-    send.close()
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: read, send, and leave without running the parent's exit handlers
+        os.close(read_fd)
+        try:
+            with os.fdopen(write_fd, "wb") as out:
+                _assimp_child(str(path), out)
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    chunks, deadline = [], time.monotonic() + ASSIMP_TIMEOUT_S
     try:
-        if not receive.poll(ASSIMP_TIMEOUT_S):
-            raise AssetError("timeout", f"{path}: assimp did not finish reading it within {ASSIMP_TIMEOUT_S} s")
-        status, payload = receive.recv()
-    except EOFError:
-        child.join(5)
-        raise AssetError("corrupt", f"{path}: assimp crashed reading it (child exit code {child.exitcode})") from None
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AssetError("timeout", f"{path}: assimp did not finish reading it within {ASSIMP_TIMEOUT_S} s")
+            chunk = os.read(read_fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
     finally:
-        receive.close()
-        if child.is_alive():
-            child.kill()
-        child.join(5)
+        os.close(read_fd)
+        _, wait_status = os.waitpid(pid, 0)
+    try:
+        status, payload = pickle.loads(b"".join(chunks))
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        code = os.waitstatus_to_exitcode(wait_status)
+        raise AssetError("corrupt", f"{path}: assimp crashed reading it (child exit code {code})") from None
     if status == "error":
         raise AssetError(*payload)
     meshes = []
@@ -267,8 +284,13 @@ def _assimp_meshes(path: Path) -> list:
     return meshes
 
 
-def _assimp_child(path: str, send) -> None:
-    """In the child: read with assimp and send ``("ok", [mesh arrays])`` or ``("error", (reason, message))``."""
+def _assimp_child(path: str, out) -> None:
+    """In the child: read with assimp and write (pickled) ``("ok", [mesh arrays])`` or ``("error", (reason, message))`` to ``out``."""
+    import pickle
+
+    def send(message: tuple) -> None:
+        pickle.dump(message, out, protocol=pickle.HIGHEST_PROTOCOL)
+
     try:
         # assimp prints its own assertion failures and warnings, and a crash here is expected and
         # handled by the parent: the reason reaches the caller as the AssetError
@@ -279,13 +301,12 @@ def _assimp_child(path: str, send) -> None:
         os.dup2(quiet, 1)
         os.dup2(quiet, 2)
         _limit_memory(ASSIMP_MEMORY_BYTES)
-        send.send(("ok", _assimp_read(Path(path))))
+        result = ("ok", _assimp_read(Path(path)))
     except AssetError as err:
-        send.send(("error", (err.reason, str(err))))
+        result = ("error", (err.reason, str(err)))
     except BaseException as err:  # noqa: BLE001 - whatever happens here is reported, never raised
-        send.send(("error", ("corrupt", f"{path}: assimp read a mesh that cannot be used ({type(err).__name__}: {str(err)[:160]})")))
-    finally:
-        send.close()
+        result = ("error", ("corrupt", f"{path}: assimp read a mesh that cannot be used ({type(err).__name__}: {str(err)[:160]})"))
+    send(result)
 
 
 def _limit_memory(extra: int) -> None:

@@ -187,3 +187,15 @@ def test_a_face_index_outside_the_vertices_is_named(tmp_path, index, shown):
     (tmp_path / "bad.ply").write_text(header + f"0 0 0\n1 0 0\n0 1 0\n3 0 1 {index}\n")
     with pytest.raises(AssetError, match=f"face index {shown} outside the 3 vertices"):
         load_mesh(tmp_path / "bad.ply")
+
+
+def test_assimp_formats_build_in_worker_processes(tmp_path):
+    # the builder's workers are daemonic processes, which multiprocessing forbids children: the
+    # assimp reader must still run there
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"uid": u, "path": p, "caption": f"model {u}"}) + "\n"
+                                for u, p in (("spider", "FBX/spider.fbx"), ("duck", "Collada/duck.dae"), ("box", "OBJ/box.obj"))))  # fmt: skip
+    cfg = from_dict(BuildConfig, {"output_dir": str(tmp_path / "out"), "source": {"kind": "manifest", "path": str(manifest), "root": str(ROOT)},
+                                  "render": {"resolution": 32}, "chunk_size": 1, "num_workers": 2, "splits": {"train": 1.0}, "progress": False})  # fmt: skip
+    assert build_dataset(cfg).finalized
+    assert set(load_built_dataset(tmp_path / "out")["train"]["asset_id"]) == {"spider", "duck", "box"}
