@@ -554,10 +554,10 @@ class RuleBasedPlanner:
             sing = head[:-2]  # "two empty glasses": drinking glasses, not spectacles
         if sing in _ABSTRACT or head in _PRONOUNS or head in _ABSTRACT:
             return None
-        if all(w in _ADJECTIVES or w == "and" for w in ph.words):
-            return None  # "the other white": only colours/adjectives, no thing
-        if all(_is_modifier_form(w) or w in _VERB_FORMS for w in words):
-            return None  # a stray participle ("Sandwiched ...", "yet to be completed")
+        if all(w in _ADJECTIVES or w == "and" or _is_modifier_form(w) or w in _VERB_FORMS for w in ph.words):
+            # no thing: only colours/adjectives ("the other white"), a stray participle ("Sandwiched
+            # ...", "yet to be completed") or both ("a softly worn out ...")
+            return None
         if ph.count is not None:
             count = ph.count
             if ph.pair and head in _PLURALIA_TANTUM:

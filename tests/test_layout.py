@@ -420,3 +420,10 @@ def test_whole_prompt_planner_is_one_central_box():
     assert box.prompt == "two red cubes to the left of a blue cone" and box.center == (0.0, 0.0, 0.0)
     with pytest.raises(ValueError):
         WholePromptPlanner().plan("  ")
+
+
+def test_a_phrase_of_modifiers_alone_is_no_object(rules):
+    # "a softly worn out children's book": the adverb and participle were a box of their own
+    lay = rules.plan_layout("A teddy bear cuddles against a softly worn out children's book")
+    assert [o.name for o in lay.objects] == ["teddy bear", "book"]
+
