@@ -295,7 +295,9 @@ def generate_command(
     config: ConfigPath = None,
     prompt: Annotated[Optional[str], typer.Option(help="text prompt of the scene")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="output folder (re-running it resumes)")] = None,
-    critic: Annotated[Optional[str], typer.Option(help="critic: local folder or hub id (required by mode tcsd)")] = None,
+    critic: Annotated[Optional[str], typer.Option(help="critic: local folder or hub id (default: the embedded procedural critic)")] = None,
+    adapter: AdapterOption = None,
+    dtype: DtypeOption = None,
     prior: Annotated[Optional[str], typer.Option(help="diffusers prior, latent (SD) or pixel-space (IF, the embedded prior): hub id or folder, or 'none' (default: the embedded prior on CPU)")] = None,
     mode: Annotated[Optional[str], typer.Option(help="sds, tcsd or reward_weighted")] = None,
     steps: Annotated[Optional[int], typer.Option(help="optimisation steps")] = None,
@@ -313,7 +315,7 @@ def generate_command(
 
     extra = list(overrides or [])
     # Strings as JSON (a YAML double-quoted scalar), so prompts with ':' or '#' stay strings.
-    for key, value in (("prompt", prompt), ("output_dir", output), ("critic.path", critic), ("mode", mode)):
+    for key, value in (("prompt", prompt), ("output_dir", output), ("critic.path", critic), ("critic.adapter", adapter), ("critic.dtype", dtype), ("mode", mode)):
         if value is not None:
             extra.append(f"{key}={_json.dumps(str(value))}")
     if prior is not None:
