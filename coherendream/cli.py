@@ -377,9 +377,11 @@ def eval_assets(config: AssetsEvalConfig, critic: CriticOption = None, adapter: 
     Finished chunks of assets are kept under the output folder: re-running resumes, and
     processes given --num-shards/--shard-index (or started by torchrun or a SLURM array) share them.
     """
+    from coherendream.data.manifest import check_manifest
     from coherendream.eval.assets import evaluate_assets
 
     try:
+        check_manifest(config.manifest)  # before the critic loads: a manifest no row of which can be used
         summary = evaluate_assets(_load_critic(critic, adapter, dtype, device, model), config)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
