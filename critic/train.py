@@ -45,8 +45,8 @@ LLAVA15_TRAINING = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,  # a float below 1 is a ratio of the total steps (transformers 5)
     "weight_decay": 0.0,
-    "gradient_checkpointing": True,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    "activation_checkpointing": True,
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
     "logging_steps": 10,
     "save_steps": 500,
     "save_total_limit": 2,
@@ -121,12 +121,18 @@ def _dtype(name: str):
     return getattr(torch, name)
 
 
+_RENAMED_TRAINING_KEYS = {"gradient_checkpointing": "activation_checkpointing", "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
 def training_arguments(config: CriticTrainConfig):
     """The TRL config: LLaVA-1.5 defaults, then the user's ``training`` keys."""
     import torch
     from trl import DPOConfig, SFTConfig
 
-    args = {**LLAVA15_TRAINING, **config.training, "output_dir": config.output_dir}
+    # transformers 5's names for the 4.x ones a config may still use; translated here so that an old
+    # name in the config overrides the default instead of being ignored behind it
+    user = {_RENAMED_TRAINING_KEYS.get(k, k): v for k, v in config.training.items()}
+    args = {**LLAVA15_TRAINING, **user, "output_dir": config.output_dir}
     ds = args.get("deepspeed")
     if isinstance(ds, str) and not ds.endswith(".json"):
         args["deepspeed"] = deepspeed_config_path(ds)

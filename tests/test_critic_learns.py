@@ -31,7 +31,7 @@ def test_tiny_critic_learns_colour_negatives(tmp_path):
         "model_name_or_path": str(model), "dataset": str(data), "output_dir": str(tmp_path / "trained"),
         "use_lora": False, "eval_split": None, "projector_lr": None,
         "training": {"per_device_train_batch_size": 16, "max_steps": 600, "learning_rate": 1e-3, "warmup_steps": 30,
-                     "max_grad_norm": 1.0, "gradient_checkpointing": False, "save_strategy": "no", "use_cpu": True,
+                     "max_grad_norm": 1.0, "activation_checkpointing": False, "save_strategy": "no", "use_cpu": True,
                      "logging_steps": 50, "seed": 0},
     }))
     validation = load_built_dataset(data)["validation"]

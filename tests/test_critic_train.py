@@ -45,7 +45,7 @@ def train_config(tiny, dataset, out, **training) -> CriticTrainConfig:
         "logging_steps": 1,
         "learning_rate": 3e-3,
         "warmup_steps": 0,
-        "gradient_checkpointing": False,
+        "activation_checkpointing": False,
         "save_steps": 12,
         "use_cpu": True,
         "eval_strategy": "no",
@@ -283,7 +283,7 @@ def test_resume_after_kill_continues_step_and_optimizer(tmp_path, tiny, dataset)
         "--model", str(tiny), "--dataset", str(dataset), "-o", str(out),
         "lora.r=8", "lora.lora_alpha=16", "training.per_device_train_batch_size=4", "training.max_steps=400",
         "training.save_steps=10", "training.save_total_limit=null", "training.logging_steps=10", "training.use_cpu=true",
-        "training.gradient_checkpointing=false", "training.eval_strategy=no", "training.learning_rate=1e-3",
+        "training.activation_checkpointing=false", "training.eval_strategy=no", "training.learning_rate=1e-3",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     log = open(tmp_path / "first_run.log", "w")
@@ -409,7 +409,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path, tiny, dataset):
     common = [
         "--model", str(tiny), "--dataset", str(dataset), "use_lora=false", "eval_split=null", "projector_lr=null",
         "training.max_steps=6", "training.logging_steps=1", "training.use_cpu=true", "training.learning_rate=1e-3",
-        "training.gradient_checkpointing=false", "training.save_strategy=no", "training.seed=3",
+        "training.activation_checkpointing=false", "training.save_strategy=no", "training.seed=3",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "coherendream.cli", "critic", "train", "-o", str(tmp_path / "one"), *common,
@@ -441,6 +441,11 @@ def test_shipped_configs_follow_the_machine_and_the_cpu_one_trains(tmp_path, tin
     assert gpu.per_device_train_batch_size == 16  # the LLaVA-1.5 recipe as written...
     if not torch.cuda.is_available():  # ...in float32 on a CPU with no override
         assert not gpu.bf16 and not gpu.fp16 and gpu.use_cpu
+    assert gpu.activation_checkpointing
+    # transformers 4's name for it still overrides the recipe's default (it would be ignored behind the new name)
+    old_name = training_arguments(load_config(CriticTrainConfig, repo / "llava15_lora.yaml",
+                                              [f"output_dir={tmp_path / 'g2'}", "training.gradient_checkpointing=false"]))  # fmt: skip
+    assert not old_name.activation_checkpointing
     cfg = load_config(CriticTrainConfig, repo / "cpu_lora.yaml", [f"model_name_or_path={tiny}", f"dataset={dataset}",
                                                                  f"output_dir={tmp_path / 'c'}", "training.max_steps=12"])  # fmt: skip
     out = train_critic(cfg)
