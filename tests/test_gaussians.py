@@ -88,7 +88,7 @@ def test_state_dict_save_load(tmp_path):
     assert back.sh_degree == 2
     for (k, a), (_, b) in zip(m.state_dict().items(), back.state_dict().items()):
         assert torch.equal(a, b), k
-    # load_state_dict resizes a model of another size (resuming after densification)
+    # load_state_dict resizes a model of another size (a checkpoint of a run with another num_gaussians)
     other = _random_model(n=7, sh_degree=2, seed=1)
     other.load_state_dict(m.state_dict())
     assert other.num_gaussians == 25 and torch.equal(other.means, m.means)
