@@ -182,7 +182,7 @@ class GaussianModel(nn.Module):
         """``rasterize_gaussians`` on this model; ``kwargs`` go through (backgrounds, backend...)."""
         return rasterize_gaussians(**self.render_inputs(), viewmats=viewmats, Ks=Ks, width=width, height=height, **kwargs)
 
-        """Like ``nn.Module.load_state_dict`` but first resizes to the checkpoint's number of Gaussians."""
+    # ---------------------------------------------------------------- checkpoints
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Like ``nn.Module.load_state_dict`` but first resizes to the checkpoint's number of Gaussians."""
