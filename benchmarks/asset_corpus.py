@@ -34,7 +34,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     args = parser.parse_args()
 
-    files = sorted(p for p in args.root.rglob("*") if p.is_file() and p.suffix.lower() in mesh_extensions())
+    extensions = set(mesh_extensions())
+    files = sorted(p for p in args.root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
     renderer = MeshRenderer(args.resolution)
     cameras = OrbitSpec().cameras(args.resolution)
     rows, t0 = [], time.perf_counter()

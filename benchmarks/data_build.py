@@ -26,7 +26,8 @@ ASSIMP = Path("/usr/share/assimp/models")
 
 
 def assimp_manifest(folder: Path) -> Path:
-    files = sorted(p for p in ASSIMP.rglob("*") if p.is_file() and p.suffix.lower() in mesh_extensions())
+    extensions = set(mesh_extensions())
+    files = sorted(p for p in ASSIMP.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
     path = folder / "assimp.jsonl"
     with path.open("w") as fh:
         for i, p in enumerate(files):

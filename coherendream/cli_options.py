@@ -55,10 +55,8 @@ def config_parameters(config_cls: type) -> list[inspect.Parameter]:
     hints = typing.get_type_hints(config_cls)
     params = []
     for f in _cli_fields(config_cls):
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
+        if not _required(f):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         elif f.metadata.get("deprecated_flags"):
             default = None  # required, but an old spelling may give it: checked when the config is built
         else:

@@ -219,8 +219,8 @@ def scan_mesh_dir(folder: str | Path) -> tuple[list[AssetRef], list[Rejection]]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"mesh folder {folder}: not found")
-    refs, rejected = [], []
-    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in mesh_extensions() and p.is_file()):
+    refs, rejected, extensions = [], [], set(mesh_extensions())
+    for file in sorted(p for p in folder.rglob("*") if p.suffix.lower() in extensions and p.is_file()):
         uid = file.relative_to(folder).with_suffix("").as_posix()
         caption_file = file.with_suffix(".txt")
         caption = " ".join(caption_file.read_text(encoding="utf-8", errors="replace").split()) if caption_file.is_file() else ""
