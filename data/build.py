@@ -205,7 +205,7 @@ def plan_assets(config: BuildConfig) -> tuple[list[AssetRef], list[Rejection]]:
     src = config.source
     if src.kind == "procedural":
         if src.num_scenes < 1:
-            raise ValueError("source.num_scenes must be >= 1")
+            raise ValueError(f"source.num_scenes (--procedural) must be >= 1, got {src.num_scenes}")
         refs = []
         for i in range(src.num_scenes):
             seed = int(np.random.SeedSequence([config.seed, i]).generate_state(1)[0])

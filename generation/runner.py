@@ -326,17 +326,6 @@ def _save_png(path: Path, image: np.ndarray) -> None:
         Image.fromarray(image).save(tmp, format="PNG")
 
 
-def _video_backend() -> str | None:
-    """imageio plugin able to write MP4, if one is installed (no new dependency is pulled in)."""
-    for module, plugin in (("imageio_ffmpeg", "FFMPEG"), ("av", "pyav")):
-        try:
-            __import__(module)
-            return plugin
-        except ImportError:
-            continue
-    return None
-
-
 def write_outputs(model: GaussianModel, config: GenerateConfig, out: Path, background: torch.Tensor, backend: str) -> tuple[dict[str, Path], list[str]]:
     """PLY, PNG views from ``outputs.orbit`` (+ a grid of them), turntable GIF (and MP4 when possible)."""
     import imageio.v3 as iio
@@ -361,16 +350,14 @@ def write_outputs(model: GaussianModel, config: GenerateConfig, out: Path, backg
         paths["gif"] = out / "turntable.gif"
         with atomic_path(paths["gif"]) as tmp:
             iio.imwrite(tmp, list(frames), extension=".gif", duration=1000.0 / config.outputs.turntable_fps, loop=0)
-        plugin = _video_backend() if config.outputs.mp4 else None
-        if config.outputs.mp4 and plugin is None:
-            notes.append("no MP4: imageio has no ffmpeg/pyav backend here (pip install imageio-ffmpeg); wrote the GIF only")
-        elif plugin is not None:
+        if config.outputs.mp4:
             try:
                 with atomic_path(out / "turntable.mp4") as tmp:
-                    iio.imwrite(tmp, frames, extension=".mp4", plugin=plugin, fps=config.outputs.turntable_fps)
+                    # ffmpeg picks the container from the file name, and the temporary name ends in .tmp
+                    iio.imwrite(tmp, frames, extension=".mp4", plugin="FFMPEG", fps=config.outputs.turntable_fps, output_params=["-f", "mp4"])
                 paths["mp4"] = out / "turntable.mp4"
             except Exception as err:  # a broken codec install must not lose the run's other outputs
-                notes.append(f"no MP4: {type(err).__name__}: {err}")
+                notes.append(f"no MP4: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
     return paths, notes
 
 

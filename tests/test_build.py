@@ -263,7 +263,7 @@ def test_cli_reports_bad_overrides(tmp_path):
     assert res.exit_code == 2 and "render.resolutio" in res.output
     # Refused before anything is written, so the corrected command below is not taken for a
     # build with other settings.
-    for bad, why in ((["--procedural", "-5"], "num_scenes must be >= 1"), (["--procedural", "4", "render.resolution=0"], "resolution must be a positive")):
+    for bad, why in ((["--procedural", "-5"], "(--procedural) must be >= 1, got -5"), (["--procedural", "4", "render.resolution=0"], "resolution must be a positive")):
         res = CliRunner().invoke(app, ["data", "build", *bad, "-o", str(tmp_path / "o")])
         assert res.exit_code == 2 and why in res.output and not (tmp_path / "o").exists()
     res = CliRunner().invoke(app, ["data", "build", "--procedural", "4", "-o", str(tmp_path / "o"), "render.resolution=32", "progress=false"])

@@ -163,7 +163,7 @@ def test_outputs_exist_and_ply_reads_back(tmp_path, critic_dir, critic):
     result = generate(_config(tmp_path / "out", critic_dir, "steps=2", "checkpoint_every=1"), critic=critic)
     out = tmp_path / "out"
     for name in ("gaussians.ply", "config.yaml", "layout.json", "metrics.jsonl", "summary.json", "turntable.gif",
-                 "views/az000.png", "views/az090.png", "views/az180.png", "views/az270.png", "checkpoints/last.pt"):  # fmt: skip
+                 "views/az000.png", "views/az090.png", "views/az180.png", "views/az270.png", "checkpoints/last.pt", "turntable.mp4"):  # fmt: skip
         assert (out / name).is_file(), name
     cols = read_ply_vertices(out / "gaussians.ply")
     assert {"x", "y", "z", "f_dc_0", "opacity", "scale_0", "rot_0"} <= set(cols)
@@ -180,6 +180,9 @@ def test_outputs_exist_and_ply_reads_back(tmp_path, critic_dir, critic):
 
     with Image.open(out / "turntable.gif") as gif:
         assert gif.n_frames == 3 and gif.size == (32, 32)
+    import imageio.v3 as iio
+
+    assert iio.imread(out / "turntable.mp4", plugin="FFMPEG").shape == (3, 32, 32, 3)
     assert result.final_critic is not None and 0 < result.final_critic["prob_yes"] < 1
 
 
