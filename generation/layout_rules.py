@@ -57,7 +57,8 @@ _VERB_BASES = (
     "glare drip pose place knot perch swim soar point tick drape roll sparkle abandon play look ride eat drink "
     "sing dance run walk float grow bloom carry wear chase feed pour cut stare fall lounge cool emit hover keep "
     "fill display bask glow twinkle sprout strum crawl rise spill melt gaze cook bake bounce hide peek peer nap "
-    "stretch loom sprawl cover contain support tilt prop balance stay sleep guard greet brown smile"
+    "stretch loom sprawl cover contain support tilt prop balance stay sleep guard greet brown smile breathe hug push "
+    "pull build chew lick sniff dig juggle knit sew hunt"
 ).split()
 _VERB_IRREGULAR = frozenset(
     "lies lying lay lays laid sat sits sitting stood hung held flew flown swam swimming threw thrown forgotten "
@@ -146,8 +147,17 @@ _ADJECTIVES = COLOR_WORDS | _SMALL_WORDS | _LARGE_WORDS | frozenset(
     "open flat old new single empty full half whole bright dark pale shiny warm cold hot cool soft hard wet dry "
     "fresh ripe sleek glossy smooth rough young ancient antique vintage rustic elegant delicate fluffy fuzzy plush "
     "rusty dusty sturdy thick thin long short round square wooden metal plastic leather ceramic colorful colourful "
-    "beautiful bright vibrant classic modern simple plain shimmering sparkling intricate ornate worn".split()
+    "beautiful bright vibrant classic modern simple plain shimmering sparkling intricate ornate worn "
+    # descriptive words common in free-form prompts; unlisted, one before an -ing word reads as a
+    # noun doing something ("a cozy reading nook" would box "cozy" the way "a robot playing guitar"
+    # boxes the robot)
+    "cozy cosy sleepy happy grumpy angry lazy busy messy tidy furry hairy muddy sandy snowy sunny rainy stormy "
+    "windy spooky creepy funny silly curly chubby cute adorable cheerful playful peaceful quiet lonely majestic "
+    "magical futuristic fancy tasty juicy crispy creamy spicy sweet salty golden silver wooly woolly "
+    "fierce gentle proud brave friendly shabby cluttered neat".split()
 )
+# Adjective endings that nouns of physical things almost never have ("a luxurious sleeping bag").
+_ADJECTIVE_SUFFIXES = ("ous", "less")
 
 
 def _singular(word: str) -> str:
@@ -234,6 +244,8 @@ def _is_modifier_form(w: str) -> bool:
     if w in _NOUN_ING or w in _NOUN_ED or w in _NOUN_LY:
         return False
     if len(w) > 4 and (w.endswith("ly") or w.endswith("ing") or w.endswith("ed")):
+        return True
+    if len(w) > 5 and w.endswith(_ADJECTIVE_SUFFIXES):
         return True
     return "-" in w and w.split("-")[-1] in {"eaten", "bound", "worn", "out", "in", "up", "filled", "colored", "coloured", "shaped", "handed", "burnt"}
 

@@ -422,8 +422,19 @@ def test_whole_prompt_planner_is_one_central_box():
         WholePromptPlanner().plan("  ")
 
 
-def test_a_phrase_of_modifiers_alone_is_no_object(rules):
-    # "a softly worn out children's book": the adverb and participle were a box of their own
-    lay = rules.plan_layout("A teddy bear cuddles against a softly worn out children's book")
-    assert [o.name for o in lay.objects] == ["teddy bear", "book"]
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        # "a softly worn out children's book": the adverb and participle were a box of their own
+        ("A teddy bear cuddles against a softly worn out children's book", ["teddy bear", "book"]),
+        # an adjective before an -ing word modifies the noun after it ...
+        ("a cozy reading nook", ["nook"]),
+        ("a luxurious sleeping bag on a bed", ["bed", "bag"]),
+        # ... where a noun before it is the one doing something
+        ("a robot playing guitar", ["robot", "guitar"]),
+        ("a cute dragon breathing fire", ["dragon", "fire"]),
+    ],
+)
+def test_a_phrase_of_modifiers_alone_is_no_object(rules, text, names):
+    assert [o.name for o in rules.plan_layout(text).objects] == names
 
