@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -268,7 +269,11 @@ def test_dpo_mode_fits_answer_preferences(tmp_path, tiny, dataset):
     cfg = train_config(tiny, dataset, tmp_path / "dpo", max_steps=40, learning_rate=1e-2, beta=1.0, logging_steps=4)
     cfg.mode = "dpo"
     cfg.max_train_samples = 8
-    out = train_critic(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = train_critic(cfg)
+    # PEFT and TRL read a deprecated transformers alias; the user cannot act on that warning
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
     history = [h for h in json.loads((out / "log_history.json").read_text()) if "loss" in h]
     assert history[0]["loss"] > 0.6  # near -log sigmoid(0): policy == reference at the start
     assert history[-1]["loss"] < 0.3
