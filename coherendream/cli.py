@@ -7,6 +7,7 @@ Configs: ``--config file.yaml`` plus ``key.sub=value`` overrides as trailing arg
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -568,6 +569,18 @@ def demo(
         order = "" if r["placement"] is None else f", colours in order {r['placement']:.2f}"
         typer.echo(f"{r['method']:>6} {r['prompt']!r}: object colour {r['object_color']:.2f}{order}, critic P(yes) {r['critic_prob_yes']:.3f}")
     typer.echo(f"report: {Path(summary['report']).resolve()}")
+
+
+def _unwrap_help(*apps: typer.Typer) -> None:
+    """Join the line breaks inside each paragraph of the commands' docstrings: typer keeps them
+    in every paragraph after the first, so `--help` would break lines where the source does."""
+    for group in apps:
+        for command in group.registered_commands:
+            doc = inspect.cleandoc(command.help or command.callback.__doc__ or "")
+            command.help = "\n\n".join(" ".join(p.split("\n")) for p in doc.split("\n\n")) or None
+
+
+_unwrap_help(app, data_app, critic_app, eval_app, prior_app)
 
 
 def main() -> None:

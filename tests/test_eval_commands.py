@@ -231,3 +231,9 @@ def test_commands_speak_in_flags_and_keep_old_spellings(tmp_path):
     # the old --outputs-dir still fills --generations (with a warning); the refusal names the flags
     assert res.exit_code == 2 and "--outputs-dir is deprecated" in res.output and "--questions=openai needs --llm-model" in res.output
     assert "--outputs-dir" not in CliRunner().invoke(app, ["eval", "tifa", "--help"], env={"COLUMNS": "300"}).output  # hidden
+
+
+def test_help_wraps_docstring_paragraphs_to_the_terminal():
+    # typer keeps a docstring's line breaks after its first paragraph; the help joins them
+    res = CliRunner().invoke(app, ["eval", "t3bench", "--help"], env={"COLUMNS": "400", "TERM": "dumb"})
+    assert res.exit_code == 0 and "(or started by torchrun or a SLURM array) share the generations" in res.output
