@@ -259,6 +259,9 @@ def items_from_input(
     if kind == "dataset":
         return items_from_dataset(path, split)
     if kind == "manifest":
+        from coherendream.data.manifest import check_manifest
+
+        check_manifest(path)  # a manifest no row of which can be used is refused before the critic loads
         return items_from_manifest(path, root=root, num_views=num_views)
     if kind == "render_dir":
         return items_from_render_dir(path, num_views=num_views, prompts_file=prompts_file)

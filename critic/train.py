@@ -431,9 +431,9 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
 def train_critic(config: CriticTrainConfig) -> Path:
     """Train, save the adapter (or full model) and processor in ``output_dir``; returns it."""
     out = Path(config.output_dir)
+    trainer = make_trainer(config)  # first: a model or dataset that cannot load leaves no folder behind
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "coherendream_train_config.yaml", dump_yaml(config))
-    trainer = make_trainer(config)
     resume = config.resume_from_checkpoint
     if resume == "auto":
         resume = last_complete_checkpoint(out)

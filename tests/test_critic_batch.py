@@ -363,6 +363,19 @@ def test_a_critic_that_is_not_there_is_named_in_one_line(tmp_path, render_dir, m
         assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+@pytest.mark.parametrize("text, why", [("", "no rows"), ("id,path,prompt\n", "no rows"),
+                                       ("id,file,text\na,a,a cube\n", "no 'path' column; its columns are file, id, text")])
+def test_critic_score_refuses_a_manifest_it_cannot_use_before_loading_the_critic(tmp_path, text, why):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    (tmp_path / "m.csv").write_text(text)
+    # the critic named does not exist: the manifest is refused before anything tries to load it
+    res = CliRunner().invoke(app, ["critic", "score", "--critic", str(tmp_path / "none"), "--input", str(tmp_path / "m.csv"), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 2 and why in res.output and not (tmp_path / "out").exists()
+
+
 def test_a_manifest_of_meshes_points_to_eval_assets(tmp_path):
     (tmp_path / "box.glb").write_bytes(b"glTF")
     (tmp_path / "m.csv").write_text("id,path,prompt\nbox,box.glb,a cube\n")

@@ -455,3 +455,16 @@ def test_shipped_configs_follow_the_machine_and_the_cpu_one_trains(tmp_path, tin
                                                                  f"output_dir={tmp_path / 'c'}", "training.max_steps=12"])  # fmt: skip
     out = train_critic(cfg)
     assert len(losses(out)) >= 2 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_base_model_that_is_not_there_is_named_in_one_line(tmp_path, dataset, monkeypatch):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("nobody/nonexistent", "mymodel"):
+        res = CliRunner().invoke(app, ["critic", "train", "-c", str(Path(__file__).resolve().parents[1] / "configs" / "critic" / "cpu_lora.yaml"), "--model", name,
+                                       "--dataset", str(dataset), "-o", str(tmp_path / "out")])  # fmt: skip
+        assert res.exit_code == 2 and f"model '{name}': no such folder here" in res.output and "Traceback" not in res.output
+        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
