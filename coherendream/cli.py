@@ -62,6 +62,8 @@ _REMEDIES = {
     "missing_file": "files not found: paths are relative to the manifest's folder (or --root)",
     "not_a_folder": "3D files where folders of views were expected: `coherendream eval assets` renders and scores 3D files",
     "empty_prompt": "rows without a prompt: the manifest needs a prompt (or caption) column",
+    "missing_output": "no folder for these prompts under --generations: <dir>/<slug>/ or <dir>/<prompt file stem>/<slug>/, "
+                      "slugs as in errors.jsonl",
 }
 
 
@@ -72,13 +74,17 @@ def _end_scoring(summary: dict, kind: str, source: Path, output: Path, where: st
     if not summary["merged"]:
         typer.echo(f"{summary['chunks_done']} chunks scored, {summary['chunks_skipped']} already done; other shards still have chunks to score")
         return
-    total = summary[kind]
-    typer.echo(f"scored {summary['scored']} of {total} {kind} ({summary['errors']} errors, see errors.jsonl){where}")
-    for reason, count in summary["errors_by_reason"].items():
-        remedy = _REMEDIES.get(reason)
-        typer.echo(f"  {count} of {total} rejected: {reason}" + (f" ({remedy})" if remedy else ""))
+    typer.echo(f"scored {summary['scored']} of {summary[kind]} {kind} ({summary['errors']} errors, see errors.jsonl){where}")
+    _echo_rejects(summary[kind], summary["errors_by_reason"])
     if summary["scored"] == 0:
         _fail(f"no {kind[:-1]} of {source} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
+
+
+def _echo_rejects(total: int, by_reason: dict[str, int]) -> None:
+    """One line per reason items were rejected, with the remedy where there is one."""
+    for reason, count in by_reason.items():
+        remedy = _REMEDIES.get(reason)
+        typer.echo(f"  {count} of {total} rejected: {reason}" + (f" ({remedy})" if remedy else ""))
 
 
 @data_app.command("build")
@@ -428,6 +434,12 @@ def eval_t3bench(
         means = " ".join(f"{v['means'][k]:>16.3f}" if v["means"].get(k) is not None else f"{'':>16}" for k in keys)
         typer.echo(f"{name:>16} {v['scored']:>4} of {v['prompts']:<3} {means}")
     typer.echo(f"results and reports in {config.output_dir.resolve()} (<set>/results.csv, <set>/report.html)")
+    for name, v in summary["sets"].items():
+        if v["errors_by_reason"]:
+            typer.echo(f"{name}:")
+            _echo_rejects(v["prompts"], v["errors_by_reason"])
+    if not any(v["scored"] for v in summary["sets"].values()):
+        _fail(f"no prompt could be scored (reasons in {config.output_dir}/<set>/errors.jsonl)")
 
 
 @eval_app.command("tifa")
@@ -442,6 +454,9 @@ def eval_tifa(config: TifaConfig, critic: CriticOption = None, adapter: AdapterO
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _summary_line(summary, config.output_dir)
+    _echo_rejects(summary["prompts"], summary["errors_by_reason"])
+    if summary["scored"] == 0:
+        _fail(f"no prompt of {config.prompt_file} could be scored (reasons in {config.output_dir / 'errors.jsonl'})")
 
 
 @eval_app.command("judge")

@@ -167,3 +167,13 @@ def write_results(
             write_text(path, buf.getvalue())
         paths.append(path)
     return tuple(paths)
+
+
+def errors_by_reason(errors: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """How many error records carry each ``reason`` code, most frequent first (the summary every
+    batch command writes next to its ``errors.jsonl``)."""
+    counts: dict[str, int] = {}
+    for e in errors:
+        reason = e.get("reason") or "error"
+        counts[reason] = counts.get(reason, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

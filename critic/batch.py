@@ -47,7 +47,6 @@ import io
 import json
 import logging
 import math
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
 from pathlib import Path
 from typing import Any
@@ -61,7 +60,7 @@ from coherendream.data.manifest import (
     manifest_rows,
     render_dir_rows,
 )
-from coherendream.io import write_json, write_results
+from coherendream.io import errors_by_reason, write_json, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -551,7 +550,7 @@ def score_to_files(
         "items": len(results),
         "scored": len(scored),
         "errors": len(errors),
-        "errors_by_reason": dict(Counter(e.get("reason") or "error" for e in errors).most_common()),
+        "errors_by_reason": errors_by_reason(errors),
         "mean_prob_yes": (sum(r["prob_yes"] for r in scored) / len(scored)) if scored else None,
         "batch_size": batch_size,
         "num_views": int(critic.config.num_views),

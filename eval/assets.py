@@ -26,7 +26,7 @@ import numpy as np
 
 from coherendream.cameras import OrbitSpec, camera_tensors, scorer_orbit
 from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, progress_field, resolution_field, shard_index_field
-from coherendream.io import write_bytes, write_json, write_jsonl
+from coherendream.io import errors_by_reason, write_bytes, write_json, write_jsonl
 
 
 def is_gaussian_ply(path: str | Path) -> bool:
@@ -222,7 +222,7 @@ def evaluate_assets(critic: Any, config: AssetsEvalConfig) -> dict:
         "scored": len(scored),
         "errors": len(errors),
         "mean_prob_yes": float(np.mean([r["prob_yes"] for r in scored])) if scored else None,
-        "errors_by_reason": {k: sum(e.get("reason") == k for e in errors) for k in sorted({e.get("reason") for e in errors})},
+        "errors_by_reason": errors_by_reason(errors),
     }
     write_json(out / "summary.json", summary)
     report = Report(f"Asset scores: {Path(manifest).name}")

@@ -67,7 +67,7 @@ import numpy as np
 
 from coherendream.cameras import Camera
 from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, resolution_field, shard_index_field
-from coherendream.io import write_json, write_jsonl
+from coherendream.io import errors_by_reason, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -248,15 +248,17 @@ def group_images(count: int, num_views: int) -> list[list[int]]:
 def resolve_output(folder: str | Path, slug: str, set_name: str | None = None) -> Path:
     """The asset of one prompt in a folder of outputs: a 3DGS PLY path or a folder of views.
 
-    Looks in ``<folder>/<set_name>/<slug>`` (when ``set_name`` is given and that folder exists), then
-    ``<folder>/<slug>``; inside it ``gaussians.ply``, else ``views/`` (when it holds images), else the
-    folder itself (when it holds images).
+    Looks in ``<folder>/<set_name>/<slug>`` and ``<folder>/<set_name>/generations/<slug>`` (what
+    ``eval t3bench --generate-config`` writes) when ``set_name`` is given, then ``<folder>/<slug>``
+    and ``<folder>/generations/<slug>``; inside the first that exists ``gaussians.ply``, else
+    ``views/`` (when it holds images), else the folder itself (when it holds images).
 
     Raises:
         EvalItemError: ``missing_output`` (no folder) or ``no_asset`` (a folder without PLY or views).
     """
     folder = Path(folder)
-    candidates = ([folder / set_name / slug] if set_name else []) + [folder / slug]
+    bases = ([folder / set_name] if set_name else []) + [folder]
+    candidates = [c for base in bases for c in (base / slug, base / "generations" / slug)]
     base = next((c for c in candidates if c.is_dir()), None)
     if base is None:
         raise EvalItemError("missing_output", f"{slug}: no output folder ({' or '.join(str(c) for c in candidates)})")
@@ -460,7 +462,7 @@ class T3BenchConfig:
 
     prompt_files: list[Path] = field(metadata={"help": "T3Bench-style prompt files, one prompt a line (e.g. ../shared/bench/t3bench/prompt_multi.txt)", "argument": True})
     output_dir: Path = output_field("<set>/results.{json,csv}, <set>/errors.jsonl, <set>/report.html, summary.json")
-    generations_dir: Path | None = field(default=None, metadata={"help": "existing generations: <dir>/<set>/<slug>/ or <dir>/<slug>/ with gaussians.ply or views", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
+    generations_dir: Path | None = field(default=None, metadata={"help": "existing generations: <dir>/<slug>/ or <dir>/<prompt file stem>/<slug>/ with gaussians.ply or views (an `eval t3bench` output folder works)", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
     generate_config: Path | None = field(default=None, metadata={"help": "generate each prompt with this `generate` YAML instead"})
     level: int = field(default=1, metadata={"help": "icosphere subdivision of the camera set (1: 42 views, 2: 162 as T3Bench)"})
     radius: float = field(default=2.2, metadata={"help": "distance of the icosphere cameras (T3Bench: 2.2)"})
@@ -615,7 +617,7 @@ def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, gene
             report.add_table([{k: e.get(k) for k in ("slug", "reason", "error")} for e in errors])
         report.write(out_set / REPORT_HTML)
         summary["sets"][set_name] = {"prompt_file": str(prompt_file), "prompts": len(prompts), "scored": len(kept),
-                                     "errors": len(errors), "means": means,
+                                     "errors": len(errors), "errors_by_reason": errors_by_reason(errors), "means": means,
                                      "files": {"json": str(json_path), "csv": str(csv_path),
                                                "errors": str(out_set / ERRORS_JSONL), "report": str(out_set / REPORT_HTML)}}
         if errors:

@@ -532,7 +532,7 @@ class TifaConfig:
     """What ``eval tifa`` asks and where it writes; each field is also a command-line option."""
 
     prompt_file: Path = field(metadata={"help": "prompts, one a line", "argument": True})
-    generations_dir: Path = field(metadata={"help": "generations: <dir>/<slug>/ (or <dir>/<file stem>/<slug>/) with gaussians.ply or views", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
+    generations_dir: Path = field(metadata={"help": "existing generations: <dir>/<slug>/ or <dir>/<prompt file stem>/<slug>/ with gaussians.ply or views (an `eval t3bench` output folder works)", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
     output_dir: Path = output_field("questions.jsonl, answers.jsonl, scores.{json,csv}, summary.json, errors.jsonl")
     questions: str = field(default="rules", metadata={"help": "question generator: rules, openai (any OpenAI-compatible endpoint) or transformers"})
     llm_model: str | None = field(default=None, metadata={"help": "LLM for openai/transformers question generation"})
@@ -578,7 +578,7 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
         scorer: a question scorer (:func:`question_scorer` of a Critic, or anything alike).
         generator: ``generate(prompt) -> QuestionSet``; default ``config.question_generator()``.
     """
-    from coherendream.io import write_results
+    from coherendream.io import errors_by_reason, write_results
     from coherendream.eval.t3bench import (
         EvalItemError,
         group_images,
@@ -620,7 +620,8 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
     write_jsonl(out / "answers.jsonl", rows)
     write_jsonl(out / "errors.jsonl", errors)
     write_results(scores["prompts"], out / "scores", columns=["id", "prompt", "questions", "correct", "accuracy"])
-    summary = {"prompts": len(prompts), "scored": len(scores["prompts"]), "errors": len(errors), "tifa": scores["tifa"],
+    summary = {"prompts": len(prompts), "scored": len(scores["prompts"]), "errors": len(errors),
+               "errors_by_reason": errors_by_reason(errors), "tifa": scores["tifa"],
                "questions": scores["questions"], "by_type": scores["by_type"], "accuracy_yes": scores["accuracy_yes"],
                "accuracy_no": scores["accuracy_no"], "threshold": threshold,
                "question_sources": {s: sum(q["source"] == s for q in qsets) for s in ("rules", "llm", "fallback")},

@@ -186,6 +186,19 @@ def test_cli_protocol_commands(tmp_path, tiny):
     (tmp_path / "empty.txt").write_text("\n")
     res = runner.invoke(app, ["eval", "t3bench", str(tmp_path / "empty.txt"), "-o", str(tmp_path / "t3e"), "--generations", str(tmp_path / "ours"), "--critic", str(tiny)])
     assert res.exit_code == 2 and "empty.txt" in res.output
+    # Generations where none of the prompts has a folder: each protocol says why and exits non-zero.
+    (tmp_path / "elsewhere").mkdir()
+    for command in ("t3bench", "tifa"):
+        res = runner.invoke(app, ["eval", command, str(tmp_path / "prompts.txt"), "-o", str(tmp_path / f"{command}-none"),
+                                  "--generations", str(tmp_path / "elsewhere"), "--critic", str(tiny), "--resolution", "32"])  # fmt: skip
+        assert res.exit_code == 2 and "2 of 2 rejected: missing_output (no folder for these prompts under --generations" in res.output, res.output
+        assert "could be scored" in res.output
+    # What `eval t3bench --generate-config` writes (<out>/<set>/generations/<slug>) is itself a --generations folder.
+    (tmp_path / "run" / "prompts").mkdir(parents=True)
+    (tmp_path / "ours").rename(tmp_path / "run" / "prompts" / "generations")
+    res = runner.invoke(app, ["eval", "tifa", str(tmp_path / "prompts.txt"), "--generations", str(tmp_path / "run"), "-o", str(tmp_path / "tifa2"),
+                              "--critic", str(tiny), "--resolution", "32"])  # fmt: skip
+    assert res.exit_code == 0 and "scored: 2" in res.output, res.output
 
 
 @pytest.mark.parametrize("name, text, why", [
