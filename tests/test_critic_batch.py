@@ -313,7 +313,8 @@ def test_input_kind_is_detected_from_the_path(render_dir, dataset_dir, tmp_path)
     assert detect_input_kind(manifest) == "manifest"
     assert [i["id"] for i in items_from_input(dataset_dir, split="train")] == [
         i["id"] for i in items_from_dataset(dataset_dir, "train")]
-    assert list(items_from_input(manifest)) == []
+    with pytest.raises(ValueError, match="no rows"):  # a header-only manifest is refused up front
+        items_from_input(manifest)
     with pytest.raises(ValueError, match="do not apply"):
         items_from_input(dataset_dir, prompts_file=manifest)
     with pytest.raises(FileNotFoundError, match="not found"):
