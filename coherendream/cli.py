@@ -141,8 +141,12 @@ def data_build(
         typer.echo(f"shard {cfg.shard_index}/{cfg.num_shards} done: {result.chunks_done}/{result.chunks_total} chunks complete; the last shard to finish writes the dataset")
         return
     rows = ", ".join(f"{s}: {n}" for s, n in result.rows.items()) or "none"
-    typer.echo(f"dataset written to {result.output_dir.resolve()}")
+    if result.rows:
+        typer.echo(f"dataset written to {result.output_dir.resolve()}")
     typer.echo(f"rows: {rows}; rejected inputs: {result.rejected} (see rejected.jsonl); {result.seconds:.1f} s")
+    _echo_rejects(result.inputs, result.rejected_by_reason)
+    if not result.rows:
+        _fail(f"no input of {cfg.source.path or 'the source'} could be used (reasons in {result.output_dir / 'rejected.jsonl'})")
 
 
 @data_app.command("export-llava")

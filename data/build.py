@@ -46,7 +46,7 @@ from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds,
 from coherendream.vocabulary import parse_caption
 from coherendream.shards import shard_items
 from coherendream.grid import GridLayout, tile
-from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_results, write_text
+from coherendream.io import atomic_path, errors_by_reason, read_jsonl, write_json, write_jsonl, write_results, write_text
 from coherendream.prompts import (
     ANSWER_NO,
     ANSWER_YES,
@@ -152,6 +152,8 @@ class BuildResult:
     rows: dict[str, int]
     rejected: int
     seconds: float
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    inputs: int = 0  # assets planned plus inputs the manifest or folder scan rejected
 
 
 # --------------------------------------------------------------------------- dataset schema
@@ -215,10 +217,16 @@ def plan_assets(config: BuildConfig) -> tuple[list[AssetRef], list[Rejection]]:
     if src.path is None:
         raise ValueError(f"source.path is required for source.kind={src.kind!r}")
     if src.kind == "manifest":
-        return read_manifest(src.path, src.root, src.path_pattern)
-    if src.kind == "mesh_dir":
-        return scan_mesh_dir(src.path)
-    return scan_render_dir(src.path)
+        refs, rejected = read_manifest(src.path, src.root, src.path_pattern)
+    elif src.kind == "mesh_dir":
+        refs, rejected = scan_mesh_dir(src.path)
+    else:
+        refs, rejected = scan_render_dir(src.path)
+    if not refs and not rejected:  # refused here, before the output folder is made
+        expected = {"manifest": "rows (uid, path, caption)", "mesh_dir": "mesh files with <name>.txt captions",
+                    "render_dir": "<uid>/ folders of views"}[src.kind]  # fmt: skip
+        raise ValueError(f"source {src.path}: no {expected}")
+    return refs, rejected
 
 
 def assign_split(ref: AssetRef, splits: dict[str, float], seed: int) -> str:
@@ -609,12 +617,13 @@ def finalize(config: BuildConfig, refs: list[AssetRef], manifest_rejected: list[
         "assets_rejected": len(rejected),
         "rows": rows_per_split,
         "counts": {s: dict(sorted(c.items())) for s, c in counts.items()},
-        "rejected_by_reason": dict(Counter(r["reason"] for r in rejected).most_common()),
+        "rejected_by_reason": errors_by_reason(rejected),
         "config": config.identity(),
     }
     write_json(out / "build_info.json", info)
     write_text(out / "README.md", dataset_card(config, info))
-    return BuildResult(out, True, n_chunks, n_chunks, rows_per_split, len(rejected), 0.0)
+    return BuildResult(out, True, n_chunks, n_chunks, rows_per_split, len(rejected), 0.0, info["rejected_by_reason"],
+                       len(refs) + len(manifest_rejected))
 
 
 def _stream_split(split: str, chunk_files: list[Path], names: list[Path], rows_per_file: int, schema, pq) -> None:

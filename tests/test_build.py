@@ -202,6 +202,30 @@ def test_manifest_with_bad_rows_keeps_the_good_ones(tmp_path):
     assert len(ds) == 10
 
 
+def test_cli_ends_with_the_reasons_and_fails_when_no_input_was_usable(tmp_path):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    root = tmp_path / "assets"
+    write_meshes(root)
+    runner = CliRunner()
+    fast = ["render.resolution=32", "progress=false"]
+    # a manifest without rows is refused before the output folder exists
+    (root / "header.csv").write_text("uid,path,caption\n")
+    res = runner.invoke(app, ["data", "build", "--manifest", str(root / "header.csv"), "-o", str(tmp_path / "h"), *fast])
+    assert res.exit_code == 2 and "header.csv: no rows" in res.output and not (tmp_path / "h").exists()
+    # every input rejected: the reasons with their remedy, and a non-zero exit
+    (root / "bad.csv").write_text("uid,path,caption\nmissing,meshes/nothere.obj,a cube\nescape,../secret.obj,a cone\n")
+    res = runner.invoke(app, ["data", "build", "--manifest", str(root / "bad.csv"), "-o", str(tmp_path / "b"), *fast])
+    assert res.exit_code == 2 and "1 of 2 rejected: outside_root (paths outside the manifest's folder: pass --root" in res.output
+    assert "1 of 2 rejected: missing_file" in res.output and "no input of" in res.output
+    # some rejected: the dataset is written and the reasons still listed
+    (root / "half.csv").write_text("uid,path,caption\nbox,meshes/box.glb,a white box\nmissing,meshes/nothere.obj,a cube\n")
+    res = runner.invoke(app, ["data", "build", "--manifest", str(root / "half.csv"), "-o", str(tmp_path / "g"), *fast])
+    assert res.exit_code == 0 and "dataset written to" in res.output and "1 of 2 rejected: missing_file" in res.output
+
+
 def test_cap3d_layout_with_path_pattern(tmp_path):
     root = tmp_path / "assets"
     write_meshes(root)
