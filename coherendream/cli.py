@@ -505,7 +505,7 @@ def prior_sample(
     try:
         pipe = load_prior_pipeline(prior, device=device)
     except (OSError, ValueError) as err:
-        _fail(f"prior {prior or 'embedded'}: {err}")
+        _fail(str(err))
     prompts = [p for p in prompt for _ in range(num_images)]
     images = sample_images(pipe, prompts, steps, guidance_scale, seed)
     with atomic_path(output) as tmp:

@@ -21,10 +21,8 @@ the trained model is scored exactly as an SFT critic is (``Critic.score``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,6 +30,7 @@ from typing import Any, Literal
 
 from coherendream.config import dump_yaml
 from coherendream.io import write_text
+from coherendream.library_warnings import library_deprecations_hidden
 from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, format_describe, format_question, prompt_messages
 
 # LoRA on the language model only: this regex does not match the CLIP tower's q/k/v_proj.
@@ -339,20 +338,10 @@ def make_trainer(config: CriticTrainConfig, model=None, processor=None):
         from trl import SFTTrainer
 
         trainer_cls = _with_module_lrs(SFTTrainer)
-    with _library_deprecations_hidden():
+    with library_deprecations_hidden():
         trainer = trainer_cls(**kwargs)
     trainer.module_lrs = {name: lr for name, lr in ((PROJECTOR_NAME, config.projector_lr), (VISION_TOWER_NAME, config.vision_tower_lr)) if lr is not None}
     return trainer
-
-
-@contextlib.contextmanager
-def _library_deprecations_hidden():
-    """PEFT's wrapper and TRL's DPO trainer read transformers 5's deprecated
-    ``is_gradient_checkpointing`` alias on every run: a warning about their code that the user
-    cannot act on. Our own calls use the new names, so nothing of the user's is hidden."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
 
 
 def _with_module_lrs(base):
@@ -437,7 +426,7 @@ def train_critic(config: CriticTrainConfig) -> Path:
     resume = config.resume_from_checkpoint
     if resume == "auto":
         resume = last_complete_checkpoint(out)
-    with _library_deprecations_hidden():
+    with library_deprecations_hidden():
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))  # collective under DeepSpeed ZeRO-3: every process takes part
     if trainer.is_world_process_zero():  # under torchrun, one process writes the rest

@@ -407,6 +407,8 @@ class SDSGuidance:
         from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
         from transformers import AutoTokenizer
 
+        from coherendream.library_warnings import library_deprecations_hidden
+
         config = config if config is not None else SDSConfig()
         if pretrained_model_name_or_path is not None:
             config = dataclasses.replace(config, pretrained_model_name_or_path=str(pretrained_model_name_or_path))
@@ -421,9 +423,10 @@ class SDSGuidance:
         path = config.pretrained_model_name_or_path
         hub = {"revision": config.revision, "local_files_only": config.local_files_only}
         try:
-            index = DiffusionPipeline.load_config(path, **hub)
+            with library_deprecations_hidden():
+                index = DiffusionPipeline.load_config(path, **hub)
         except (OSError, ValueError) as err:
-            raise OSError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
+            raise FileNotFoundError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
         text_class = (index.get("text_encoder") or [None, None])[1]
         if text_class not in _TEXT_ENCODERS:
             raise ValueError(f"prior {path!r}: text encoder {text_class!r} is not supported (one of {', '.join(_TEXT_ENCODERS)})")

@@ -239,12 +239,22 @@ def load_prior_pipeline(path: str | Path | None = None, device: str | torch.devi
     :class:`PixelPriorPipeline`; a latent one (SD) as diffusers' ``StableDiffusionPipeline``
     without safety checker. ``None`` = the embedded prior. Weights from safetensors only.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
+
+    from coherendream.library_warnings import library_deprecations_hidden
 
     path = str(path) if path is not None else str(default_prior_path())
-    index = DiffusionPipeline.load_config(path, local_files_only=local_files_only)
+    try:
+        with library_deprecations_hidden():
+            index = DiffusionPipeline.load_config(path, local_files_only=local_files_only)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
     kwargs = {"use_safetensors": True, "local_files_only": local_files_only}
     if has_vae(index):
+        # imported here: importing it loads transformers' CLIP/SigLIP image processors, which warn
+        # on every command of a machine without torchvision, where the embedded prior needs neither
+        from diffusers import StableDiffusionPipeline
+
         pipe = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False, **kwargs)
     else:
         pipe = PixelPriorPipeline.from_pretrained(path, **kwargs)

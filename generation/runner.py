@@ -427,7 +427,6 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     _check_parts(config, critic, guidance)
     device = resolve_device(config.device)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / CHECKPOINT_NAME
     metrics_path = out / "metrics.jsonl"
 
@@ -454,6 +453,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
                       f"[{lo:g}, {hi:g}]: its gradient comes from views off its training distribution", stacklevel=2)
 
     # ---- 2. layout, Gaussians, optimiser (or the checkpoint's)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a prior or critic that does not load leaves no folder
     state = None
     if ckpt_path.is_file():
         if config.resume:

@@ -211,8 +211,11 @@ def test_cli_generate_runs_the_cpu_preset(tmp_path, critic_dir):
     assert res.exit_code == 0, res.output
     assert "P(yes)" in res.output and (out / "gaussians.ply").is_file()
     assert json.loads((out / "layout.json").read_text())["prompt"] == "a red cube: on a blue sphere"
-    res = CliRunner().invoke(app, ["generate", "-c", str(CPU_PRESET), "-o", str(tmp_path / "x"), "critic.path=" + str(tmp_path / "no-critic"), *FAST])
-    assert res.exit_code == 2 and "no-critic" in res.output
+    # a critic or prior that is not there: one line naming it, and no output folder left behind
+    for flag, name in (("--critic", str(tmp_path / "no-critic")), ("--prior", "nobody/no-prior")):
+        res = CliRunner().invoke(app, ["generate", "-c", str(CPU_PRESET), "-o", str(tmp_path / "x"), flag, name, "--prompt", "a cube", *FAST])
+        assert res.exit_code == 2 and name in res.output and "Traceback" not in res.output, res.output
+        assert res.output.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "x").exists()
 
 
 def test_a_critic_trained_from_another_distance_is_warned_about(tmp_path, critic_dir, critic):
