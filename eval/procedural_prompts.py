@@ -103,9 +103,13 @@ def build_prompt_set(seed: int = SEED, per_category: int = 6) -> list[PromptSpec
 def read_prompt_set(path: str | Path | None = None) -> list[PromptSpec]:
     """Read a prompt set JSONL (default: the committed one), checking each row's version and ground truth."""
     path = Path(path) if path is not None else default_prompt_set_path()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise FileNotFoundError(f"prompt set {path}: cannot be read ({getattr(err, 'strerror', None) or err})") from err
     specs: list[PromptSpec] = []
     seen: set[str] = set()
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
