@@ -40,8 +40,8 @@ _FRONT_RELATIONS = ("left_of", "right_of", "on_top_of")
 class PriorEvalConfig:
     """Settings of ``coherendream eval prior``; each field is also a command-line option."""
 
+    output_dir: str = field(metadata={"help": "output folder (metrics.json, samples.csv, sample grids)", "flags": ("--output", "-o")})
     prior: str | None = field(default=None, metadata={"help": "prior: diffusers pipeline folder or hub id (default: the embedded prior)", "deprecated_flags": ("--model",)})
-    output_dir: str = field(default="outputs/eval/prior", metadata={"help": "folder for metrics.json, samples.csv and sample grids", "flags": ("--output", "-o")})
     samples_per_prompt: int = field(default=8, metadata={"help": "samples of each single-object prompt"})
     relation_prompts: int = field(default=40, metadata={"help": "two-group prompts (never seen in training)"})
     samples_per_relation_prompt: int = field(default=4, metadata={"help": "samples of each two-group prompt"})

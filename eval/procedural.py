@@ -66,7 +66,7 @@ class ProceduralEvalConfig:
     """Settings of the procedural benchmark; each field but ``methods`` is also a command-line
     option (``methods`` comes from ``--method NAME[:key=value,...]``)."""
 
-    output_dir: str = field(default="outputs/eval/procedural", metadata={"help": "folder for generations, jobs/, results, report.html (re-running resumes)", "flags": ("--output", "-o")})
+    output_dir: str = field(metadata={"help": "output folder (generations, jobs/, results, report.html; re-running resumes)", "flags": ("--output", "-o")})
     prompts: str | None = field(default=None, metadata={"help": "prompt set JSONL (default: the versioned procedural set)"})
     generate_config: str | None = field(default=None, metadata={"help": "base `generate` YAML (default: configs/generate/cpu_tiny.yaml)"})
     methods: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_METHODS.items()}, metadata={"cli": False})
