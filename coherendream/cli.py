@@ -346,7 +346,8 @@ def generate_command(
     typer.echo(f"generated in {result.output_dir.resolve()} ({result.step} steps, {len(result.skipped_steps)} skipped, {result.seconds:.1f} s)")
     if score is not None:
         where = f"azimuths {'/'.join(f'{a:g}' for a in score['azimuths'])}, elevation {score['elevation']:g}"
-        typer.echo(f"critic on the final Gaussians from its training orbit ({where}): P(yes) = {score['prob_yes']:.4f}, margin = {score['margin']:.4f}")
+        typer.echo(f"critic on the final Gaussians from its training orbit ({where}): P(yes) = {score['prob_yes']:.4f}, "
+                   f"margin = {score['margin']:.4f} (the progress bar's P(yes) is on each step's random cameras)")
     for note in result.notes:
         typer.echo(f"note: {note}")
 

@@ -197,7 +197,7 @@ def _free_text_questions(prompt: str) -> list[Question]:
     object phrases the toolkit has): per object group, whether it is there, how many, its colour and
     other attributes; per relation, whether it holds. A prompt it finds no object in gets the one
     question whether the views show the prompt."""
-    from coherendream.generation.layout_rules import _ADJECTIVES, RuleBasedPlanner, _is_modifier_form, _singular
+    from coherendream.generation.layout_rules import RuleBasedPlanner, noun_and_attributes
     from coherendream.vocabulary import COLOR_WORDS, RELATIONS
 
     layout = RuleBasedPlanner().plan_layout(prompt)
@@ -226,21 +226,7 @@ def _free_text_questions(prompt: str) -> list[Question]:
         return [Question(f'Does this show "{" ".join(prompt.split())}"?', "yes", prompt, "other", exact=False)]
     prompt_words = set(re.findall(r"[a-z]+|\d+", whole))
     for name, g in groups.items():
-        # the words before the head that are nouns ("sewing box", "wine bottle") name the object;
-        # adjectives, colours and -ed/-ing/-ly forms are its attributes
-        words = [w for w in re.findall(r"[a-z]+", g["prompt"].lower()) if w not in _SKIP_WORDS]
-        head = name.split()[-1]
-        at = max((k for k, w in enumerate(words) if w == head or _singular(w) == head), default=len(words))
-        compound, attributes = [], []
-        for w in reversed(words[:at]):
-            if w.endswith("ly"):
-                continue  # an adverb ("softly worn") qualifies the next word, not the object
-            # a noun or an -ing word right before the head is part of its name: "wine bottle", "sewing box"
-            if not attributes and w not in _ADJECTIVES and (not _is_modifier_form(w) or w.endswith("ing")):
-                compound.insert(0, w)
-            else:
-                attributes.insert(0, w)
-        noun = " ".join([*compound, head])
+        noun, attributes = noun_and_attributes(g["prompt"], name.split()[-1])
         g["noun"] = noun
         many = g["count"] > 1
         the = f"the {_plural(noun)}" if many else f"the {noun}"
@@ -265,9 +251,9 @@ def _free_text_questions(prompt: str) -> list[Question]:
     return qs
 
 
-# Words of an object's prompt that are not its attributes, and words that are never an object.
-_SKIP_WORDS = frozenset("a an the of and with one two three four five six seven eight nine ten some".split())
-_FUNCTION_WORDS = _SKIP_WORDS | frozenset("in on at to for from by above below under over it this that these those his her their its".split())
+# Words that are never an object: a planner box named by one of them is a word it could not place.
+_FUNCTION_WORDS = frozenset("a an the of and with one two three four five six seven eight nine ten some in on at to for from by "
+                            "above below under over it this that these those his her their its".split())  # fmt: skip
 
 
 def _plural(name: str) -> str:

@@ -250,6 +250,30 @@ def _is_modifier_form(w: str) -> bool:
     return "-" in w and w.split("-")[-1] in {"eaten", "bound", "worn", "out", "in", "up", "filled", "colored", "coloured", "shaped", "handed", "burnt"}
 
 
+def noun_and_attributes(phrase: str, head: str) -> tuple[str, list[str]]:
+    """An object phrase's name and attributes as this planner reads them.
+
+    ``head`` is the object's head noun (a layout object's name without its index). The words right
+    before it that are nouns or -ing forms belong to the name ("wine bottle", "sewing box"); the
+    adjectives, colours and participles before those are attributes; adverbs ("softly worn"),
+    articles, numbers and possessives are neither. ``("a red wine bottle", "bottle")`` gives
+    ``("wine bottle", ["red"])``.
+    """
+    skip = _DETERMINERS | set(_NUMBERS) | {"of", "and", "with"}
+    words = [w for w in re.findall(r"[a-z]+", phrase.lower()) if w not in skip]
+    at = max((k for k, w in enumerate(words) if w == head or _singular(w) == head), default=len(words))
+    compound: list[str] = []
+    attributes: list[str] = []
+    for w in reversed(words[:at]):
+        if w.endswith("ly"):
+            continue  # an adverb qualifies the next word, not the object
+        if not attributes and w not in _ADJECTIVES and (not _is_modifier_form(w) or w.endswith("ing")):
+            compound.insert(0, w)
+        else:
+            attributes.insert(0, w)
+    return " ".join([*compound, head]), attributes
+
+
 @dataclass
 class _Group:
     """A planned group of identical objects ("two red cubes")."""
