@@ -515,8 +515,11 @@ class RuleBasedPlanner:
             # phrase boundary ("a kite flying in"), or a listed -ing form even before a bare noun
             # ("a woman putting lipstick"); "a glowing lantern" and "a closed, wrapped gift" stay whole.
             finite = w in _VERB_FORMS and not w.endswith(("ing", "ed"))  # "lies", "stands", "rest"
+            # after a person any -ing word is what they do ("a chef chopping vegetables"), where
+            # after a thing it may name a kind ("a cat scratching post")
+            person_doing = has_noun and w.endswith("ing") and _is_modifier_form(w) and _singular(np_.words[-1]) in _PERSON
             is_verbish = (w in _VERB_FORMS or (_is_modifier_form(w) and not w.endswith("ly") and "-" not in w)) and (
-                boundary_at(i + 1) or (w in _VERB_FORMS and (finite or w.endswith("ing")) and has_noun)
+                boundary_at(i + 1) or (w in _VERB_FORMS and (finite or w.endswith("ing")) and has_noun) or person_doing
             )
             if (prev_aux and (is_verbish or _is_modifier_form(w) or boundary_at(i + 1))) or (has_noun and is_verbish and not of_merge):
                 close()

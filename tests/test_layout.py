@@ -433,6 +433,8 @@ def test_whole_prompt_planner_is_one_central_box():
         # ... where a noun before it is the one doing something
         ("a robot playing guitar", ["robot", "guitar"]),
         ("a cute dragon breathing fire", ["dragon", "fire"]),
+        # after a person, any -ing word is what they do
+        ("a chef chopping vegetables on a board", ["board", "chef", "vegetable 1", "vegetable 2", "vegetable 3"]),
     ],
 )
 def test_a_phrase_of_modifiers_alone_is_no_object(rules, text, names):
