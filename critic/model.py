@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from coherendream.cameras import OrbitSpec, ring_azimuths
 from coherendream.grid import GridLayout, tile
+from coherendream.library_warnings import library_deprecations_hidden
 from coherendream.prompts import QUESTION_TEMPLATE, check_question_template, format_question, prompt_messages
 
 DEFAULT_BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
@@ -313,7 +314,8 @@ class Critic:
         if adapter is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+            with library_deprecations_hidden():
+                model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         model.to(device)
         model.eval()
         model.requires_grad_(False)

@@ -443,7 +443,8 @@ def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto",
     from coherendream.critic.model import load_image_text_model, load_processor
 
     model = load_image_text_model(base, _dtype(dtype), trust_remote_code)
-    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    with library_deprecations_hidden():
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     out = Path(output_dir)
     merged.save_pretrained(str(out), safe_serialization=True)
     # the processor saved with the adapter (same tokenizer and chat template) wins over the base's

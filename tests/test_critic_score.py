@@ -280,7 +280,10 @@ def test_adapter_round_trip_gives_the_in_memory_scores(tiny_dir, critic, tmp_pat
     from transformers import AutoModelForImageTextToText
 
     base = AutoModelForImageTextToText.from_pretrained(tiny_dir, use_safetensors=True)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
+    from coherendream.library_warnings import library_deprecations_hidden
+
+    with library_deprecations_hidden():  # PEFT's own deprecation, not the code under test
+        peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS))
     lora_names = [n for n, _ in peft_model.named_parameters() if "lora_" in n]
     assert lora_names and all("language_model" in n for n in lora_names)
     gen = torch.Generator().manual_seed(0)
