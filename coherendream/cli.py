@@ -401,7 +401,7 @@ def eval_assets(config: AssetsEvalConfig, critic: CriticOption = None, adapter: 
 
 
 def _summary_line(summary: dict, output: Path) -> None:
-    keys = [k for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)][:8]
+    keys = [k for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool) and k != "note"][:8]
     typer.echo(", ".join(f"{k}: {summary[k]:.3f}" if isinstance(summary[k], float) else f"{k}: {summary[k]}" for k in keys))
     typer.echo(f"results in {Path(output).resolve()}")
 

@@ -106,7 +106,7 @@ def manifest_rows(path: str | Path, root: str | Path | None = None, path_pattern
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path}: not found")
+        raise FileNotFoundError(f"manifest {path}: {'not a file' if path.exists() else 'not found'}")
     root_dir = Path(root) if root is not None else path.parent
     if not root_dir.is_dir():
         raise FileNotFoundError(f"manifest root {root_dir}: not found or not a folder")
@@ -178,7 +178,7 @@ def read_table(path: str | Path, key_columns: tuple[str, ...] = ("uid", "id"), h
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
+        raise FileNotFoundError(f"{path}: {'not a file' if path.exists() else 'not found'}")
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".tsv", ".jsonl", ".ndjson"):
         raise ValueError(f"{path}: expected .csv, .tsv or .jsonl, got {suffix or 'no extension'}")
