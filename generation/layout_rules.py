@@ -439,8 +439,9 @@ class RuleBasedPlanner:
                 rels.extend(new)
                 if coord and last and pending is None:
                     last = last + [idx]
-                elif not (new and all(r.key == "with" and r.subject == idx for r in new)):
-                    # "X with Y on Z": what follows an attachment is said of its owner X
+                elif not (new and all(r.key in ("with", "inside") and r.subject == idx for r in new)):
+                    # "X with Y on Z", "X filled with Y on Z": what follows an attachment or a
+                    # content is said of its owner or container X
                     last = [idx]
                 pending, coord, last_verb = None, False, None
         return groups, rels
@@ -481,6 +482,14 @@ class RuleBasedPlanner:
             if w in {"pair", "couple"} and i + 1 < n and words[i + 1] == "of" and not has_content:
                 np_ = np_ or _Phrase()
                 np_.count, np_.pair = 2, w == "pair"
+                i += 2
+                continue
+            if w in _FILL_VERBS and i + 1 < n and words[i + 1] == "of" and has_content:
+                # "a basket full of apples" says what "filled with apples" says
+                close()
+                out.append(("verb", w))
+                out.append(("rel", "with", True))
+                after_verb = True
                 i += 2
                 continue
             if w == "of" and has_content and self._rel_at(words, i) is None:

@@ -235,6 +235,15 @@ def test_counts_surfaces_and_containers(rules):
     assert _by_prompt(lay, "microscope")[0].lo[1] >= _by_prompt(lay, "specimen")[0].hi[1] - 1e-6
     assert len(rules.plan_layout("three blue cylinders").objects) == 3
     assert len(rules.plan_layout("?!").objects) == 1  # nothing recognisable: one box
+    # "full of" says what "filled with" says, and what follows is said of the container
+    for text in ("a box full of toys on a table", "a box filled with toys on a table"):
+        lay = rules.plan_layout(text)
+        names = [o.name for o in lay.objects]
+        box, table = names.index("box"), names.index("table")
+        toys = [i for i, n in enumerate(names) if n.startswith("toy")]
+        triples = {(r.subject, r.relation, r.object) for r in lay.relations}
+        assert len(toys) == 3 and all((t, "inside", box) in triples for t in toys), text
+        assert (box, "on_top_of", table) in triples and not any(r.object == table and r.subject in toys for r in lay.relations), text
 
 
 def test_planners_share_the_interface(rules):
