@@ -292,11 +292,14 @@ def critic_build_tiny(
     """Build a tiny random LLaVA critic offline (word-level tokenizer, CLIP processor), for tests and experiments."""
     from coherendream.critic.tiny import build_tiny_critic
 
-    path = build_tiny_critic(
-        output, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden, text_layers=text_layers,
-        num_heads=text_heads, vision_hidden=vision_hidden, vision_layers=vision_layers, vision_feature_layer=vision_feature_layer,
-        initializer_range=initializer_range, seed=seed,
-    )
+    try:
+        path = build_tiny_critic(
+            output, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden, text_layers=text_layers,
+            num_heads=text_heads, vision_hidden=vision_hidden, vision_layers=vision_layers, vision_feature_layer=vision_feature_layer,
+            initializer_range=initializer_range, seed=seed,
+        )
+    except ValueError as err:
+        _fail(str(err))
     typer.echo(f"tiny critic written to {path}")
 
 
@@ -579,8 +582,9 @@ def demo(
     """Evaluate the embedded critic, then generate a slice of the procedural benchmark with SDS and with TCSD on CPU; one HTML report."""
     from coherendream.demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(output_dir=str(output), critic=critic, eval_scenes=eval_scenes, prompts_per_category=prompts_per_category, steps=steps, overrides=list(overrides or []))
     try:
+        cfg = DemoConfig(output_dir=str(output), critic=critic, eval_scenes=eval_scenes, prompts_per_category=prompts_per_category,
+                         steps=steps, overrides=list(overrides or []))  # fmt: skip
         summary = run_demo(cfg)
     except (ValueError, FileNotFoundError, ConfigError) as err:
         _fail(str(err))

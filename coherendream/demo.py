@@ -32,6 +32,12 @@ class DemoConfig:
     num_workers: int = 2
     overrides: list[str] = field(default_factory=list)  # extra `generate` overrides, key=value
 
+    def __post_init__(self) -> None:
+        # the command-line names: this is what the demo command builds from its options
+        for flag, value in (("--eval-scenes", self.eval_scenes), ("--prompts-per-category", self.prompts_per_category), ("--steps", self.steps)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+
 
 def run_demo(config: DemoConfig) -> dict:
     """Run the demo; returns the summary also written to ``summary.json``."""

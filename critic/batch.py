@@ -210,6 +210,10 @@ def items_from_dataset(dataset_dir: str | Path, split: str = "test") -> Iterator
     keep = ["id", "views", "caption", *[c for c in DATASET_EXTRA_COLUMNS if c in ds.column_names]]
     # Dropping the other image columns (the grid, depth, normals) avoids decoding them at all.
     ds = ds.select_columns(keep).cast_column("views", ListFeature(ImageFeature(decode=False)))
+    return _dataset_items(ds, split)  # the checks above run now, the rows are read as they are scored
+
+
+def _dataset_items(ds: Any, split: str) -> Iterator[dict]:
     for row in ds:
         item = {"id": str(row["id"]), "views": row["views"], "prompt": row["caption"] or ""}
         item.update({c: row[c] for c in DATASET_EXTRA_COLUMNS if c in row})
@@ -533,6 +537,9 @@ def score_to_files(
     unknown = sorted(set(formats) - {"csv", "jsonl"})
     if unknown:  # fail before hours of scoring, not after
         raise ValueError(f"unknown output format(s) {unknown}; known: csv, jsonl")
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        if value < 1:  # before the output folder is made
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
     def score_chunk(chunk: list[Mapping], start: int) -> list[dict]:
         rows = score_items(critic, chunk, batch_size=batch_size, progress=progress)

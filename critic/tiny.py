@@ -252,7 +252,16 @@ def build_tiny_critic(
     ``dtype``. The directory loads offline with ``AutoModelForImageTextToText.from_pretrained`` and
     ``AutoProcessor.from_pretrained``.
     """
-    from transformers import AutoModelForImageTextToText, CLIPImageProcessor, LlavaProcessor
+    import importlib.util
+
+    from transformers import AutoModelForImageTextToText, LlavaProcessor
+
+    # Without torchvision, transformers falls back to the PIL processor anyway, with a warning on
+    # import; both save the same processor_config.json.
+    if importlib.util.find_spec("torchvision"):
+        from transformers import CLIPImageProcessor
+    else:
+        from transformers import CLIPImageProcessorPil as CLIPImageProcessor
 
     tokenizer = build_tokenizer(vocab_words)
     config = tiny_critic_config(tokenizer, **shape)

@@ -46,8 +46,9 @@ def evaluate_critic(critic: Any, config: CriticEvalConfig) -> dict:
     from coherendream.io import write_results
 
     dataset_dir, split, out = config.dataset_dir, config.split, config.output_dir
+    items = items_from_dataset(dataset_dir, split)  # a missing dataset or split is refused before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    results = score_items(critic, items_from_dataset(dataset_dir, split), batch_size=config.batch_size, progress=config.progress)
+    results = score_items(critic, items, batch_size=config.batch_size, progress=config.progress)
     scored, errors = split_results(results)
     write_jsonl(out / "errors.jsonl", errors)
     if not scored:

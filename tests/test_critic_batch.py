@@ -377,6 +377,12 @@ def test_critic_score_refuses_a_manifest_it_cannot_use_before_loading_the_critic
     assert res.exit_code == 2 and why in res.output and not (tmp_path / "out").exists()
 
 
+def test_critic_score_refuses_a_batch_size_below_one_before_writing(tmp_path, critic, render_dir):
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
+        score_to_files(critic, items_from_render_dir(render_dir), tmp_path / "out", batch_size=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_manifest_of_meshes_points_to_eval_assets(tmp_path):
     (tmp_path / "box.glb").write_bytes(b"glTF")
     (tmp_path / "m.csv").write_text("id,path,prompt\nbox,box.glb,a cube\n")

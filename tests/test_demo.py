@@ -22,3 +22,13 @@ def test_demo_smallest_settings(tmp_path):
     for part in ("The critic on fresh procedural scenes", "with and without the critic", "Reliability", "data:image/png;base64", "sds: colour", "tcsd: colour"):
         assert part in html
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["methods"] == ["sds", "tcsd"]
+
+
+def test_demo_refuses_empty_settings_by_their_flags(tmp_path):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    for flag in ("--eval-scenes", "--prompts-per-category", "--steps"):
+        res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "d"), flag, "0"])
+        assert res.exit_code == 2 and f"{flag} must be >= 1, got 0" in res.output and not (tmp_path / "d").exists()

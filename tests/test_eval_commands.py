@@ -151,6 +151,7 @@ def test_cli_eval_commands(tmp_path, tiny, dataset):
     assert "accuracy" in res.output and (tmp_path / "c" / "report.html").is_file()
     res = CliRunner().invoke(app, ["eval", "critic", "--dataset", str(dataset), "-o", str(tmp_path / "c2"), "--model", str(tiny), "--split", "nope"])
     assert res.exit_code == 2 and "nope" in res.output and "--model is deprecated" in res.output  # the old spelling still works
+    assert not (tmp_path / "c2").exists()  # the missing split is refused before anything is written
     res = CliRunner().invoke(app, ["eval", "assets", "--manifest", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "a"), "--critic", str(tiny)])
     assert res.exit_code == 2 and "missing.csv" in res.output
 
