@@ -135,6 +135,7 @@ def asset_rows(manifest: str | Path, root: str | Path | None = None) -> Iterator
 
 def asset_items(rows: Iterable[dict], orbit: OrbitSpec | None = None, resolution: int = 256) -> Iterator[dict]:
     """Critic items ``{id, views, prompt, path}`` (or ``{id, error, reason}``) for :func:`asset_rows`' rows, rendered now."""
+    from coherendream.critic.batch import ItemError
     from coherendream.data.assets import AssetError
     from coherendream.data.render import MeshRenderer
 
@@ -150,7 +151,7 @@ def asset_items(rows: Iterable[dict], orbit: OrbitSpec | None = None, resolution
             if renderer is None and full.suffix.lower() != ".ply" and not full.is_dir():
                 renderer = MeshRenderer(resolution)
             views = asset_views(full, orbit, resolution, renderer)
-        except AssetError as err:
+        except (AssetError, ItemError) as err:  # ItemError: a view folder with too few images
             yield {**item, "reason": err.reason, "error": str(err)}
             continue
         except (OSError, ValueError) as err:

@@ -76,12 +76,14 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     odd.mkdir()
     for k in range(4):
         Image.fromarray(np.zeros((40 + k, 40, 3), np.uint8)).save(odd / f"{k}.png")
+    (root / "empty").mkdir()
     rows = [
         ("box", "box.glb", "a white cube"),
         ("splats", "splats.ply", "a red blob"),
         ("views", "views", "a gray thing"),
         ("nan", "nan.ply", "broken splats"),
         ("odd", "odd", "views of different sizes"),
+        ("empty", "empty", "a folder without views"),
         ("missing", "nothere.glb", "a missing mesh"),
         ("noprompt", "box.glb", ""),
         ("escape", "../outside.glb", "outside the root"),
@@ -90,9 +92,10 @@ def test_eval_assets_scores_every_kind_and_reports_bad_items(tmp_path, tiny):
     manifest.write_text("".join(json.dumps({"id": i, "path": p, "prompt": t}) + "\n" for i, p, t in rows))
     critic = Critic.from_pretrained(tiny)
     summary = evaluate_assets(critic, AssetsEvalConfig(manifest, tmp_path / "out", resolution=32, progress=False))
-    assert summary["scored"] == 3 and summary["errors"] == 5
+    assert summary["scored"] == 3 and summary["errors"] == 6
     errors = {e["id"]: e["reason"] for e in map(json.loads, (tmp_path / "out" / "errors.jsonl").read_text().splitlines())}
-    assert errors == {"nan": "non_finite", "odd": "view_size_mismatch", "missing": "missing_file", "noprompt": "empty_prompt", "escape": "outside_root"}
+    assert errors == {"nan": "non_finite", "odd": "view_size_mismatch", "empty": "too_few_views", "missing": "missing_file",
+                      "noprompt": "empty_prompt", "escape": "outside_root"}  # fmt: skip
     scores = json.loads((tmp_path / "out" / "scores.json").read_text())
     assert {s["id"] for s in scores} == {"box", "splats", "views"}
     assert all(0.0 < s["prob_yes"] < 1.0 for s in scores)
