@@ -62,6 +62,8 @@ _REMEDIES = {
     "missing_file": "files not found: paths are relative to the manifest's folder (or --root)",
     "not_a_folder": "3D files where folders of views were expected: `coherendream eval assets` renders and scores 3D files",
     "empty_prompt": "rows without a prompt: the manifest needs a prompt (or caption) column",
+    "too_few_views": "folders with fewer images than the critic's views (.png, .jpg, .jpeg or .webp files)",
+    "missing_prompt": "view folders without a prompt: add caption.txt to each (critic score: or pass --prompts-file)",
     "missing_output": "no folder for these prompts under --generations: <dir>/<slug>/ or <dir>/<prompt file stem>/<slug>/, "
                       "slugs as in errors.jsonl",
 }
