@@ -47,9 +47,18 @@ class RunLogger:
         image_every: log the step's views every this many steps (0: never).
     """
 
-    def __init__(self, report_to: Literal["none", "tensorboard", "wandb"], output_dir: str | Path, config: dict[str, Any], image_every: int = 50) -> None:
+    @staticmethod
+    def check(report_to: str) -> None:
+        """Raise ``ValueError`` now, before a run starts, if ``report_to`` cannot be served here."""
+        import importlib.util
+
         if report_to not in REPORT_TO:
             raise ValueError(f"report_to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+        if report_to == "wandb" and importlib.util.find_spec("wandb") is None:
+            raise ValueError("report_to=wandb needs the wandb package: pip install 'coherendream[wandb]'")
+
+    def __init__(self, report_to: Literal["none", "tensorboard", "wandb"], output_dir: str | Path, config: dict[str, Any], image_every: int = 50) -> None:
+        self.check(report_to)
         self.report_to, self.image_every = report_to, image_every
         self._tb = self._wandb = None
         out = Path(output_dir)
@@ -59,10 +68,8 @@ class RunLogger:
             self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
             self._tb.add_text("config", "```\n" + _yaml(config) + "\n```")
         elif report_to == "wandb":
-            try:
-                import wandb
-            except ImportError as err:
-                raise ValueError("report_to=wandb needs the wandb package: pip install 'coherendream[wandb]'") from err
+            import wandb
+
             (out / "wandb").mkdir(parents=True, exist_ok=True)
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "coherendream"), dir=str(out), config=config,
                                      mode=os.environ.get("WANDB_MODE", "offline"), name=out.name, resume="allow")  # fmt: skip

@@ -425,6 +425,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     """
     t_start = time.perf_counter()
     _check_parts(config, critic, guidance)
+    RunLogger.check(config.report_to)  # before minutes of loading, not after
     device = resolve_device(config.device)
     out = Path(config.output_dir)
     ckpt_path = out / CHECKPOINT_NAME

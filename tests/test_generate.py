@@ -240,7 +240,7 @@ def test_every_generate_preset_loads(preset):
         assert cfg.device == "cuda" and cfg.prior.pretrained_model_name_or_path
 
 
-def test_a_run_reports_to_tensorboard_like_a_training_run(tmp_path, critic_dir, critic):
+def test_a_run_reports_to_tensorboard_like_a_training_run(tmp_path, critic_dir, critic, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     result = generate(_config(tmp_path / "tb", critic_dir, "steps=4", "outputs.turntable_frames=0", "report_to=tensorboard", "log_images_every=2"), critic=critic)
@@ -253,3 +253,11 @@ def test_a_run_reports_to_tensorboard_like_a_training_run(tmp_path, critic_dir, 
     assert [e.step for e in events.Images("views")] == [0, 2]
     with pytest.raises(ConfigError, match="report_to"):
         _config(tmp_path / "x", critic_dir, "report_to=mlflow")
+    # wandb named where it is not installed: refused before the run writes anything
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    with pytest.raises(ValueError, match="report_to=wandb needs the wandb package"):
+        generate(_config(tmp_path / "wb", critic_dir, "steps=1", "report_to=wandb"), critic=critic)
+    assert not (tmp_path / "wb").exists()
