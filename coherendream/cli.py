@@ -190,7 +190,7 @@ def critic_train(
     """Fine-tune a critic with TRL + LoRA. `training.*` keys go to TRL's SFTConfig/DPOConfig unchanged,
     e.g. `training.per_device_train_batch_size=4 training.deepspeed=zero3 training.report_to=wandb`."""
     from coherendream.config import load_config
-    from coherendream.critic.train import CriticTrainConfig, train_critic
+    from coherendream.critic.train import CriticTrainConfig, peft_config, train_critic, training_arguments
 
     extra = list(overrides or [])
     for key, value in (("model_name_or_path", model), ("dataset", dataset), ("output_dir", output), ("mode", mode)):
@@ -198,6 +198,7 @@ def critic_train(
             extra.append(f"{key}={value}")
     try:
         cfg = load_config(CriticTrainConfig, config, extra)
+        training_arguments(cfg), peft_config(cfg)  # TRL's and PEFT's own checks of the settings, before any loading
     except (ConfigError, ValueError) as err:
         _fail(str(err))
     try:

