@@ -1,7 +1,7 @@
 """Throughput of critic scoring: one batched forward pass vs ``generate()``-then-parse.
 
     python benchmarks/critic_score.py --tiny [--samples 32] [--batch-sizes 8 1] [--max-new-tokens 16]
-    python benchmarks/critic_score.py --model llava-hf/llava-1.5-7b-hf --device cuda [--adapter DIR]
+    python benchmarks/critic_score.py --critic llava-hf/llava-1.5-7b-hf --device cuda [--adapter DIR]
     python benchmarks/critic_score.py --random-llava15-7b --device cuda   # same shapes, random weights, no download
 
 Three ways to get a yes/no judgement for the same N (views, caption) samples from the same model:
@@ -249,12 +249,13 @@ def run_isolated(spec: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", help="critic checkpoint (hub id or folder), e.g. llava-hf/llava-1.5-7b-hf")
+    # --critic as in the commands; --model, the older spelling, still works
+    source.add_argument("--critic", "--model", dest="critic", help="critic checkpoint (hub id or folder), e.g. llava-hf/llava-1.5-7b-hf")
     source.add_argument("--tiny", action="store_true", help="build a tiny random LLaVA critic offline and use it")
     source.add_argument("--random-llava15-7b", action="store_true",
                         help="build a random model with LLaVA-1.5-7B's shapes (bf16, ~14 GB on disk) offline and use it: "
                              "the same cost per step as the real model where the hub cannot be reached")
-    parser.add_argument("--adapter", default=None, help="PEFT adapter folder on top of --model")
+    parser.add_argument("--adapter", default=None, help="PEFT adapter folder on top of --critic")
     parser.add_argument("--tiny-image-size", type=int, default=64, help="image size of the tiny critic (default 64)")
     parser.add_argument("--tiny-patch-size", type=int, default=8,
                         help="patch size of the tiny critic (default 8); 336/14 gives LLaVA-1.5's 576 image tokens")
@@ -278,13 +279,13 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    if not (args.model or args.tiny or args.random_llava15_7b):
-        parser.error("give --model PATH, --tiny or --random-llava15-7b")
+    if not (args.critic or args.tiny or args.random_llava15_7b):
+        parser.error("give --critic PATH, --tiny or --random-llava15-7b")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
+        model = args.critic
         if args.tiny:
             from coherendream.critic import build_tiny_critic
 
@@ -310,7 +311,7 @@ def main() -> None:
     reference = next(r for r in results if r["method"] == "generate" and r["batch_size"] == 1)
     dev = torch.cuda.get_device_name(device) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads: {args.threads or torch.get_num_threads()})"
     tokens = (args.tiny_image_size // args.tiny_patch_size) ** 2
-    name = f"tiny random LLaVA ({args.tiny_image_size} px, {tokens} image tokens)" if args.tiny else args.model
+    name = f"tiny random LLaVA ({args.tiny_image_size} px, {tokens} image tokens)" if args.tiny else args.critic
     if args.random_llava15_7b:
         name = "random weights in LLaVA-1.5-7B's shapes (336 px, 576 image tokens, 7.06 B parameters)"
     print(f"model: {name}; device: {dev}; "
