@@ -266,7 +266,7 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
     what this call did (``done``, ``skipped``, ``merged``), with the merged summary when merged."""
     from coherendream.config import load_config
     from coherendream.eval.image_judge import ImageJudge
-    from coherendream.generation.runner import GenerateConfig, generate
+    from coherendream.generation.runner import GenerateConfig, generate, load_parts
 
     generate_fn = generate_fn or generate
     specs = _select(read_prompt_set(config.prompts), config.limit)
@@ -293,7 +293,8 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
         judge = judge or ImageJudge(resolution=config.judge_resolution)
         cfg = configs[_job_id(method, spec, seed)]
         t0 = time.perf_counter()
-        result = generate_fn(cfg, **_parts_for(cfg, parts))
+        # the critic scores SDS runs too (critic_prob_yes); each part loads once per process
+        result = generate_fn(cfg, **load_parts(cfg, cache=parts))
         verdict = judge_generation(result.model, spec, judge, cfg.outputs.orbit)
         return {
             "method": method, "prompt_id": spec.id, "category": spec.category, "seed": seed, "prompt": spec.prompt,
@@ -309,26 +310,3 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
         _write_results(out, rows, summary, specs, config)
         status.update(merged=True, summary=summary, rows=rows)
     return status
-
-
-def _parts_for(cfg: Any, cache: dict[str, Any]) -> dict[str, Any]:
-    """The critic and prior of ``cfg``, loaded once per process and shared by the jobs that name them."""
-    from coherendream.config import to_dict
-    from coherendream.generation.runner import resolve_device
-
-    device = resolve_device(cfg.device)
-    parts: dict[str, Any] = {}
-    if cfg.prior is not None:
-        key = "prior:" + json.dumps(to_dict(cfg.prior), sort_keys=True) + str(device)
-        if key not in cache:
-            from coherendream.generation.guidance import SDSGuidance
-
-            cache[key] = SDSGuidance.from_pretrained(None, cfg.prior, device)
-        parts["guidance"] = cache[key]
-    key = f"critic:{cfg.critic.path}:{cfg.critic.adapter}:{cfg.critic.dtype}:{device}"
-    if key not in cache:
-        from coherendream.critic.model import Critic, default_critic_path
-
-        cache[key] = Critic.from_pretrained(cfg.critic.path or default_critic_path(), adapter=cfg.critic.adapter, dtype=cfg.critic.dtype, device=device)
-    parts["critic"] = cache[key]
-    return parts

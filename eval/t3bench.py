@@ -419,10 +419,8 @@ def score_groups(scorer: Any, jobs: Sequence[tuple[str, list, list[list[int]], s
 # =========================================================================== the run
 
 
-def _generate(prompt: str, slug: str, out_set: Path, generate_config: Any, generate_fn: Callable | None) -> Path:
+def _generate(prompt: str, slug: str, out_set: Path, generate_config: Any, generate_fn: Callable) -> Path:
     """Generate the prompt's asset under ``out_set/generations/<slug>`` (resuming a started one); its PLY."""
-    if generate_fn is None:
-        from coherendream.generation.runner import generate as generate_fn
     config = dataclasses.replace(generate_config, prompt=prompt, output_dir=str(out_set / "generations" / slug))
     try:
         result = generate_fn(config)
@@ -439,6 +437,14 @@ def _generate_shard(sets: list[tuple[Path, list[str]]], out: Path, generate_conf
     """This process's share of the generations (``coherendream.shards``); every prompt's record
     (``{"ply"}`` or ``{"reason", "error"}``) once all are done, else None."""
     from coherendream.shards import run_jobs
+
+    if generate_fn is None:
+        from coherendream.generation.runner import generate, load_parts
+
+        parts: dict[str, Any] = {}  # the prior and critic load once per process, not once per prompt
+
+        def generate_fn(cfg: Any) -> Any:
+            return generate(cfg, **load_parts(cfg, critic=cfg.uses_critic, cache=parts))
 
     jobs = [(f.stem, prompt, slug) for f, prompts in sets for prompt, slug in zip(prompts, prompt_slugs(prompts))]
 

@@ -219,6 +219,11 @@ class GenerateConfig:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu or cuda[:i], got {self.device!r}")
 
+    @property
+    def uses_critic(self) -> bool:
+        """Whether a run loads a critic: its mode needs one, or one is named (to score the result)."""
+        return self.critic.path is not None or self.mode in ("tcsd", "reward_weighted")
+
 
 @dataclass
 class GenerationResult:
@@ -414,6 +419,36 @@ def _finite(step_out: StepGradients) -> bool:
     return math.isfinite(step_out.loss) and step_out.grad is not None and bool(torch.isfinite(step_out.grad).all())
 
 
+def load_parts(config: GenerateConfig, *, prior: bool = True, critic: bool = True, cache: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The prior (``"guidance"``, an ``SDSGuidance``; absent with ``prior: none``) and the critic
+    (``"critic"``; the embedded one where ``critic.path`` is unset) that ``config`` names, on its
+    device; ``prior``/``critic`` False skips one.
+
+    ``cache``: a dict kept by a caller that runs many generations (a benchmark): each prior and
+    critic is loaded once and shared by the runs that name the same one, instead of once a run.
+    """
+    cache = {} if cache is None else cache
+    device = resolve_device(config.device)
+    parts: dict[str, Any] = {}
+    if prior and config.prior is not None:
+        key = "prior:" + json.dumps(to_dict(config.prior), sort_keys=True) + str(device)
+        if key not in cache:
+            from coherendream.generation.guidance import SDSGuidance
+
+            cache[key] = SDSGuidance.from_pretrained(None, config.prior, device)
+        parts["guidance"] = cache[key]
+    if critic:
+        key = f"critic:{config.critic.path}:{config.critic.adapter}:{config.critic.dtype}:{device}"
+        if key not in cache:
+            from coherendream.critic.model import Critic, default_critic_path
+
+            # no critic named: the embedded procedural critic, as everywhere in the toolkit
+            cache[key] = Critic.from_pretrained(config.critic.path or default_critic_path(), adapter=config.critic.adapter,
+                                                dtype=config.critic.dtype, device=device)  # fmt: skip
+        parts["critic"] = cache[key]
+    return parts
+
+
 def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None) -> GenerationResult:
     """Run (or resume) a generation; see the module docstring.
 
@@ -432,16 +467,9 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     metrics_path = out / "metrics.jsonl"
 
     # ---- 1. parts
-    if guidance is None and config.prior is not None:
-        from coherendream.generation.guidance import SDSGuidance
-
-        guidance = SDSGuidance.from_pretrained(None, config.prior, device)
-    if critic is None and (config.critic.path is not None or config.mode in ("tcsd", "reward_weighted")):
-        from coherendream.critic.model import Critic, default_critic_path
-
-        # no critic given: the embedded procedural critic, as everywhere in the toolkit
-        path = config.critic.path or default_critic_path()
-        critic = Critic.from_pretrained(path, adapter=config.critic.adapter, dtype=config.critic.dtype, device=device)
+    loaded = load_parts(config, prior=guidance is None, critic=critic is None and config.uses_critic)
+    guidance = guidance if guidance is not None else loaded.get("guidance")
+    critic = critic if critic is not None else loaded.get("critic")
     critic_config = getattr(critic, "config", None)  # None without a critic, or for a scorer without a CriticConfig
     critic_views = getattr(critic_config, "num_views", None)
     if critic_views is not None and critic_views != config.num_views:

@@ -4,6 +4,7 @@ outputs are complete and readable, the CLI runs the CPU preset."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,3 +262,21 @@ def test_a_run_reports_to_tensorboard_like_a_training_run(tmp_path, critic_dir, 
     with pytest.raises(ValueError, match="report_to=wandb needs the wandb package"):
         generate(_config(tmp_path / "wb", critic_dir, "steps=1", "report_to=wandb"), critic=critic)
     assert not (tmp_path / "wb").exists()
+
+
+def test_load_parts_loads_each_prior_and_critic_once_per_cache(tmp_path, critic_dir, prior_dir, monkeypatch):
+    from coherendream.generation.guidance import SDSGuidance
+    from coherendream.generation.runner import load_parts
+
+    loads = []
+    real_critic, real_prior = Critic.from_pretrained, SDSGuidance.from_pretrained
+    monkeypatch.setattr(Critic, "from_pretrained", lambda *a, **k: loads.append("critic") or real_critic(*a, **k))
+    monkeypatch.setattr(SDSGuidance, "from_pretrained", lambda *a, **k: loads.append("prior") or real_prior(*a, **k))
+    cfg = _config(tmp_path / "a", critic_dir, f"prior.pretrained_model_name_or_path={prior_dir}")
+    cache: dict = {}
+    first = load_parts(cfg, cache=cache)
+    again = load_parts(dataclasses.replace(cfg, prompt="a blue sphere", output_dir=str(tmp_path / "b")), cache=cache)
+    assert first["critic"] is again["critic"] and first["guidance"] is again["guidance"] and sorted(loads) == ["critic", "prior"]
+    load_parts(cfg)  # no cache: loaded anew
+    assert sorted(loads) == ["critic", "critic", "prior", "prior"]
+    assert "critic" not in load_parts(cfg, critic=False, cache=cache) and "guidance" not in load_parts(cfg, prior=False, cache=cache)
