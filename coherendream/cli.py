@@ -109,7 +109,7 @@ def data_build(
 
     Re-running the same command resumes an interrupted build.
     """
-    from coherendream.config import load_config
+    from coherendream.config import load_config, override
     from coherendream.data.build import BuildConfig, build_dataset
     from coherendream.shards import shard_from_env
 
@@ -119,13 +119,13 @@ def data_build(
         _fail("give at most one of --procedural, --manifest, --mesh-dir, --render-dir")
     for kind, value in sources:
         extra.append(f"source.kind={kind}")
-        extra.append(f"source.num_scenes={value}" if kind == "procedural" else f"source.path={value}")
+        extra.append(f"source.num_scenes={value}" if kind == "procedural" else override("source.path", str(value)))
     if path_pattern is not None:
-        extra.append(f"source.path_pattern={path_pattern}")
+        extra.append(override("source.path_pattern", path_pattern))
     if root is not None:
-        extra.append(f"source.root={root}")
+        extra.append(override("source.root", str(root)))
     if output is not None:
-        extra.append(f"output_dir={output}")
+        extra.append(override("output_dir", str(output)))
     env_shards = shard_from_env()
     if num_shards is None and shard_index is None and env_shards is not None:
         num_shards, shard_index = env_shards
@@ -189,13 +189,13 @@ def critic_train(
 ) -> None:
     """Fine-tune a critic with TRL + LoRA. `training.*` keys go to TRL's SFTConfig/DPOConfig unchanged,
     e.g. `training.per_device_train_batch_size=4 training.deepspeed=zero3 training.report_to=wandb`."""
-    from coherendream.config import load_config
+    from coherendream.config import load_config, override
     from coherendream.critic.train import CriticTrainConfig, peft_config, train_critic, training_arguments
 
     extra = list(overrides or [])
     for key, value in (("model_name_or_path", model), ("dataset", dataset), ("output_dir", output), ("mode", mode)):
         if value is not None:
-            extra.append(f"{key}={value}")
+            extra.append(override(key, str(value)))
     try:
         cfg = load_config(CriticTrainConfig, config, extra)
         training_arguments(cfg), peft_config(cfg)  # TRL's and PEFT's own checks of the settings, before any loading
@@ -325,18 +325,15 @@ def generate_command(
 
     Re-running with the same output folder resumes from its last checkpoint.
     """
-    import json as _json
-
-    from coherendream.config import load_config
+    from coherendream.config import load_config, override
     from coherendream.generation.runner import GenerateConfig, generate
 
     extra = list(overrides or [])
-    # Strings as JSON (a YAML double-quoted scalar), so prompts with ':' or '#' stay strings.
     for key, value in (("prompt", prompt), ("output_dir", output), ("critic.path", critic), ("critic.adapter", adapter), ("critic.dtype", dtype), ("mode", mode)):
         if value is not None:
-            extra.append(f"{key}={_json.dumps(str(value))}")
+            extra.append(override(key, str(value)))
     if prior is not None:
-        extra.append("prior=none" if prior.lower() == "none" else f"prior.pretrained_model_name_or_path={_json.dumps(prior)}")
+        extra.append("prior=none" if prior.lower() == "none" else override("prior.pretrained_model_name_or_path", prior))
     for key, value in (("steps", steps), ("device", device)):
         if value is not None:
             extra.append(f"{key}={value}")

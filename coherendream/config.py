@@ -52,6 +52,14 @@ class ConfigError(ValueError):
     """A config file or override that does not fit the config's dataclass."""
 
 
+def override(key: str, value: str) -> str:
+    """``key=value`` with ``value`` as a YAML double-quoted string, so that :func:`parse_overrides`
+    reads back exactly ``value``: a prompt with ':' or '#' stays a string, and one with characters
+    outside the BMP (emoji) keeps them, where JSON's \\u escapes would come back as lone surrogates."""
+    quoted = yaml.safe_dump(value, default_style='"', allow_unicode=True, width=float("inf")).strip()
+    return f"{key}={quoted}"
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """Turn ``["a.b=1", "c=[1, 2]"]`` into a nested dict; values are parsed as YAML scalars/lists."""
     nested: dict[str, Any] = {}

@@ -32,7 +32,6 @@ every method against ``sds``), and ``report.html``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -264,7 +263,7 @@ def add_side_by_side(report: Any, rows: list[dict[str, Any]], specs: list[Prompt
 def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None) -> dict[str, Any]:
     """Run this process's share of the jobs; merge when every job is done. Returns a summary of
     what this call did (``done``, ``skipped``, ``merged``), with the merged summary when merged."""
-    from coherendream.config import load_config
+    from coherendream.config import load_config, override
     from coherendream.eval.image_judge import ImageJudge
     from coherendream.generation.runner import GenerateConfig, generate, load_parts
 
@@ -278,7 +277,7 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
     # Every job's config is built (and so checked) before any work is written.
     configs = {
         _job_id(m, s, seed): load_config(GenerateConfig, base, [
-            *BENCH_OVERRIDES, *config.methods[m], *config.overrides, f"prompt={json.dumps(s.prompt)}", f"seed={seed}",
+            *BENCH_OVERRIDES, *config.methods[m], *config.overrides, override("prompt", s.prompt), f"seed={seed}",
             f"output_dir={Path(config.output_dir) / 'generations' / m / s.id / f's{seed}'}",
         ])
         for m, s, seed in jobs

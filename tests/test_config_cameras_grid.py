@@ -147,3 +147,10 @@ def test_camera_tensors_and_the_scorers_orbit():
     bare = scorer_orbit(type("S", (), {"config": type("C", (), {"num_views": 2})()})())  # a scorer without an orbit
     assert bare.azimuths == [0.0, 180.0] and bare.elevation == OrbitSpec().elevation
     assert scorer_orbit(object()) == OrbitSpec()
+
+
+@pytest.mark.parametrize("value", ["a red cube: on a blue sphere # 2", "一个红色的立方体 🎲", "line\nbreak", 'quote " and \\ back', "", " spaced ", "\x85\x80 c\x01"])
+def test_an_override_string_reads_back_exactly(value):
+    from coherendream.config import override, parse_overrides
+
+    assert parse_overrides([override("prompt", value)]) == {"prompt": value}

@@ -207,11 +207,11 @@ def test_cli_generate_runs_the_cpu_preset(tmp_path, critic_dir):
 
     out = tmp_path / "cli"
     args = ["generate", "-c", str(CPU_PRESET), "--critic", str(critic_dir), "-o", str(out), "--steps", "2",
-            "--prompt", "a red cube: on a blue sphere", *FAST]  # fmt: skip
+            "--prompt", "a red cube: on a blue sphere 🎲", *FAST]  # fmt: skip
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "P(yes)" in res.output and (out / "gaussians.ply").is_file()
-    assert json.loads((out / "layout.json").read_text())["prompt"] == "a red cube: on a blue sphere"
+    assert json.loads((out / "layout.json").read_text())["prompt"] == "a red cube: on a blue sphere 🎲"  # ':' and emoji intact
     # a critic or prior that is not there: one line naming it, and no output folder left behind
     for flag, name in (("--critic", str(tmp_path / "no-critic")), ("--prior", "nobody/no-prior")):
         res = CliRunner().invoke(app, ["generate", "-c", str(CPU_PRESET), "-o", str(tmp_path / "x"), flag, name, "--prompt", "a cube", *FAST])
