@@ -389,6 +389,7 @@ class RuleBasedPlanner:
             groups = [_Group("object", "object", prompt.strip()[:MAX_PROMPT_CHARS], 1, "default", 1.0, 0)]
             rels = []
         self._limit_counts(groups)
+        rels = [r for r in rels if r.subject < len(groups) and r.object < len(groups)]  # none to a dropped group
         data = self._place(groups, rels)
         try:
             return validate_layout(data)

@@ -127,6 +127,14 @@ def test_huge_inputs_are_rejected_cheaply():
         validate_layout({"objects": [_obj("a" * 500, (0, 0, 0), (0.1, 0.1, 0.1))]})
 
 
+def test_a_prompt_naming_more_objects_than_a_layout_holds_keeps_the_first(rules):
+    # relations between groups past MAX_OBJECTS once pointed at boxes that were dropped
+    text = " and ".join(f"a {c} cube on a {c} sphere" for c in ("red", "blue", "green", "yellow", "pink", "purple", "brown", "orange", "white", "black"))
+    lay = rules.plan_layout(text)
+    assert len(lay.objects) == MAX_OBJECTS and all(r.subject < MAX_OBJECTS and r.object < MAX_OBJECTS for r in lay.relations)
+    assert len(rules.plan_layout(" ".join(["a red cube on a blue sphere"] * 50)).objects) == MAX_OBJECTS
+
+
 def test_extract_json_from_fences_and_prose():
     payload = json.dumps(GOOD)
     assert extract_json(f"Sure! Here is the layout:\n```json\n{payload}\n```\nHope it helps.")["objects"]
