@@ -11,8 +11,8 @@
    backpropagate it once into the Gaussians, step, log one JSONL record; a step whose loss or
    gradient is NaN/inf is skipped (no update) and logged as such; checkpoint every
    ``checkpoint_every`` steps (model, optimiser, step, RNG states; atomic);
-4. write the outputs (3DGS PLY, PNG views at azimuths 0/90/180/270, turntable GIF, plus MP4 when
-   imageio has an ffmpeg/pyav backend, the resolved config, the layout JSON, summary.json).
+4. write the outputs (3DGS PLY, PNG views from ``outputs.orbit``, turntable GIF and MP4 (through
+   imageio-ffmpeg), the resolved config, the layout JSON, summary.json).
 
 Re-running with the same ``output_dir`` resumes from the last checkpoint; all randomness comes from
 one seeded ``torch.Generator`` (CPU) whose state is checkpointed, so an interrupted and resumed run
@@ -150,8 +150,8 @@ class CriticSettings:
 class OutputSettings:
     """Final renders: the orbit of the saved views (``views/az<deg>.png`` and a grid; its
     elevation, distance and FoV also frame the turntable), their resolution (default: the
-    training resolution), turntable frames and fps, and whether to try an MP4 besides the GIF
-    (only when imageio has an ffmpeg or pyav backend)."""
+    training resolution), turntable frames and fps, and whether to write an MP4 besides the GIF
+    (through imageio-ffmpeg; a codec that fails leaves a note and the other outputs)."""
 
     orbit: OrbitSpec = field(default_factory=OrbitSpec)
     resolution: int | None = None
