@@ -50,7 +50,7 @@ import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +75,21 @@ TEXT_CACHE_SIZE = 256  # prompts whose text embeddings an SDSGuidance keeps (lea
 def has_vae(model_index: dict) -> bool:
     """Whether a pipeline's ``model_index.json`` names a VAE: a latent model (SD); else pixel-space (IF)."""
     return (model_index.get("vae") or [None, None])[1] is not None
+
+
+def read_model_index(path: str, **hub: Any) -> dict:
+    """A diffusers pipeline folder's or hub repo's ``model_index.json`` (``hub``: ``revision``,
+    ``local_files_only``); ``FileNotFoundError`` naming the prior when there is none."""
+    from diffusers import DiffusionPipeline
+
+    from coherendream.library_warnings import library_deprecations_hidden
+
+    try:
+        with library_deprecations_hidden():
+            return DiffusionPipeline.load_config(path, **hub)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
+
 
 __all__ = [
     "SDSConfig",
@@ -404,10 +419,8 @@ class SDSGuidance:
                 follows :meth:`SDSConfig.torch_dtype`.
         """
         import transformers
-        from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import AutoTokenizer
-
-        from coherendream.library_warnings import library_deprecations_hidden
 
         config = config if config is not None else SDSConfig()
         if pretrained_model_name_or_path is not None:
@@ -422,11 +435,7 @@ class SDSGuidance:
         dtype = config.torch_dtype(device)
         path = config.pretrained_model_name_or_path
         hub = {"revision": config.revision, "local_files_only": config.local_files_only}
-        try:
-            with library_deprecations_hidden():
-                index = DiffusionPipeline.load_config(path, **hub)
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
+        index = read_model_index(path, **hub)
         text_class = (index.get("text_encoder") or [None, None])[1]
         if text_class not in _TEXT_ENCODERS:
             raise ValueError(f"prior {path!r}: text encoder {text_class!r} is not supported (one of {', '.join(_TEXT_ENCODERS)})")

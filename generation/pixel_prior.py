@@ -33,7 +33,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from coherendream.vocabulary import caption_words
-from coherendream.generation.guidance import TEXT_MAX_LENGTH, classifier_free_guidance, has_vae
+from coherendream.generation.guidance import TEXT_MAX_LENGTH, classifier_free_guidance, has_vae, read_model_index
 from coherendream.grid import GridLayout, tile
 
 __all__ = [
@@ -241,14 +241,8 @@ def load_prior_pipeline(path: str | Path | None = None, device: str | torch.devi
     """
     from diffusers import DDIMScheduler
 
-    from coherendream.library_warnings import library_deprecations_hidden
-
     path = str(path) if path is not None else str(default_prior_path())
-    try:
-        with library_deprecations_hidden():
-            index = DiffusionPipeline.load_config(path, local_files_only=local_files_only)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"prior {path!r}: no diffusers pipeline there (model_index.json could not be read: {err})") from err
+    index = read_model_index(path, local_files_only=local_files_only)
     kwargs = {"use_safetensors": True, "local_files_only": local_files_only}
     if has_vae(index):
         # imported here: importing it loads transformers' CLIP/SigLIP image processors, which warn
