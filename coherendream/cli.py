@@ -190,7 +190,7 @@ def critic_train(
     """Fine-tune a critic with TRL + LoRA. `training.*` keys go to TRL's SFTConfig/DPOConfig unchanged,
     e.g. `training.per_device_train_batch_size=4 training.deepspeed=zero3 training.report_to=wandb`."""
     from coherendream.config import load_config, override
-    from coherendream.critic.train import CriticTrainConfig, peft_config, train_critic, training_arguments
+    from coherendream.critic.train import CriticTrainConfig, train_critic
 
     extra = list(overrides or [])
     for key, value in (("model_name_or_path", model), ("dataset", dataset), ("output_dir", output), ("mode", mode)):
@@ -198,12 +198,11 @@ def critic_train(
             extra.append(override(key, str(value)))
     try:
         cfg = load_config(CriticTrainConfig, config, extra)
-        training_arguments(cfg), peft_config(cfg)  # TRL's and PEFT's own checks of the settings, before any loading
     except (ConfigError, ValueError) as err:
         _fail(str(err))
     try:
         out = train_critic(cfg)
-    except FileNotFoundError as err:  # a model or dataset that is not there; other errors keep their traceback
+    except (FileNotFoundError, ConfigError) as err:  # settings, a model or a dataset that do not fit; other errors keep their traceback
         _fail(str(err))
     _end_process_group()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the folder, so only it says so

@@ -49,7 +49,8 @@ def safe_load(text: str) -> Any:
 
 
 class ConfigError(ValueError):
-    """A config file or override that does not fit the config's dataclass."""
+    """A config file or override that does not fit the config's dataclass, or settings that do not
+    fit what they are applied to (a training key TRL does not know, a split the dataset lacks)."""
 
 
 def override(key: str, value: str) -> str:

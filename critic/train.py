@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from coherendream.config import dump_yaml
+from coherendream.config import ConfigError, dump_yaml
 from coherendream.io import write_text
 from coherendream.library_warnings import library_deprecations_hidden
 from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, format_describe, format_question, prompt_messages
@@ -110,7 +110,7 @@ def deepspeed_config_path(name: str) -> str:
     """Path of a DeepSpeed JSON shipped with the package: ``zero2``, ``zero3`` or ``zero3_offload``."""
     path = resources.files("coherendream.critic") / "deepspeed" / f"{name}.json"
     if not path.is_file():
-        raise ValueError(f"no shipped DeepSpeed config {name!r} (have zero2, zero3, zero3_offload)")
+        raise ConfigError(f"no shipped DeepSpeed config {name!r} (have zero2, zero3, zero3_offload)")
     return str(path)
 
 
@@ -153,12 +153,12 @@ def training_arguments(config: CriticTrainConfig):
     try:
         built = cls(**args)
     except TypeError as err:  # a key TRL does not know: name it as the config spells it
-        raise ValueError(f"training: {err} (the training keys go to TRL's {cls.__name__} unchanged)") from err
+        raise ConfigError(f"training: {err} (the training keys go to TRL's {cls.__name__} unchanged)") from err
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if getattr(built, key) < 1:  # otherwise a DataLoader error once the model has loaded
-            raise ValueError(f"training.{key} must be >= 1, got {getattr(built, key)}")
+            raise ConfigError(f"training.{key} must be >= 1, got {getattr(built, key)}")
     if not built.learning_rate > 0:  # otherwise the optimiser's error once the model has loaded
-        raise ValueError(f"training.learning_rate must be > 0, got {built.learning_rate}")
+        raise ConfigError(f"training.learning_rate must be > 0, got {built.learning_rate}")
     return built
 
 
@@ -184,7 +184,7 @@ def peft_config(config: CriticTrainConfig):
         return None
     lora = config.lora
     if lora.r < 1:
-        raise ValueError(f"lora.r must be >= 1, got {lora.r}")
+        raise ConfigError(f"lora.r must be >= 1, got {lora.r}")
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -211,7 +211,7 @@ def load_rows(config: CriticTrainConfig):
         except FileNotFoundError as err:
             raise FileNotFoundError(f"dataset {config.dataset}: {err}") from err
     if config.train_split not in dsd:
-        raise ValueError(f"dataset {config.dataset}: no split {config.train_split!r} (have {sorted(dsd)})")
+        raise ConfigError(f"dataset {config.dataset}: no split {config.train_split!r} (have {sorted(dsd)})")
     train = dsd[config.train_split]
     evaluation = dsd[config.eval_split] if config.eval_split and config.eval_split in dsd else None
     if config.max_train_samples is not None:
@@ -221,10 +221,10 @@ def load_rows(config: CriticTrainConfig):
     if config.mode == "dpo":
         for flag in ("caption_rows", "correction_answers", "presence_rows"):
             if getattr(config, flag):
-                raise ValueError(f"{flag} is an SFT auxiliary task; it has no preference form (use mode=sft)")
+                raise ConfigError(f"{flag} is an SFT auxiliary task; it has no preference form (use mode=sft)")
         return to_preference_rows(train), (to_preference_rows(evaluation) if evaluation is not None else None)
     if config.presence_rows < 0:
-        raise ValueError(f"presence_rows must be >= 0, got {config.presence_rows}")
+        raise ConfigError(f"presence_rows must be >= 0, got {config.presence_rows}")
     if config.correction_answers:
         train = with_correction_answers(train)
     # auxiliary rows are made from the builder's columns, so before only TRL's columns are kept
@@ -247,7 +247,7 @@ def _first_positive_rows(ds, task: str) -> list[int]:
     """Index of each asset's first positive row (the builder's ``label`` and ``asset_id`` columns)."""
     missing = {"label", "asset_id"} - set(ds.column_names)
     if missing:
-        raise ValueError(f"{task} needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
+        raise ConfigError(f"{task} needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
     seen: set[str] = set()
     first = []
     for i, (label, asset) in enumerate(zip(ds["label"], ds["asset_id"])):
@@ -264,7 +264,7 @@ def caption_rows(ds):
     from datasets import Image, Sequence
 
     if "true_caption" not in ds.column_names:
-        raise ValueError("caption_rows needs the dataset column 'true_caption' (written by `coherendream data build`)")
+        raise ConfigError("caption_rows needs the dataset column 'true_caption' (written by `coherendream data build`)")
     picked = ds.select(_first_positive_rows(ds, "caption_rows"))
     # columns built without a map over the rows: a map would decode every image
     counts = picked.cast_column("views", Sequence(Image(decode=False))) if "views" in ds.column_names else picked
@@ -288,13 +288,13 @@ def presence_rows(ds, per_asset: int, critic_config, seed: int = 0):
     from coherendream.data.presence import presence_questions
 
     if "layout" not in ds.column_names:
-        raise ValueError("presence_rows needs the dataset column 'layout' (written by `coherendream data build` for procedural scenes)")
+        raise ConfigError("presence_rows needs the dataset column 'layout' (written by `coherendream data build` for procedural scenes)")
     first = _first_positive_rows(ds, "presence_rows")
     rng = np.random.default_rng(seed)
     rows, prompts, completions = [], [], []
     for i, meta in zip(first, ds.select(first).select_columns(["asset_id", "layout"])):
         if not meta["layout"]:
-            raise ValueError(f"presence_rows: asset {meta['asset_id']} has no layout (only procedural scenes have one)")
+            raise ConfigError(f"presence_rows: asset {meta['asset_id']} has no layout (only procedural scenes have one)")
         objects = [(o["color"], o["shape"]) for o in json.loads(meta["layout"])["objects"]]
         for word, present in presence_questions(objects, per_asset, rng):
             rows.append(i)
@@ -312,7 +312,7 @@ def with_correction_answers(ds):
     """
     missing = {"label", "negative_type", "true_caption"} - set(ds.column_names)
     if missing:
-        raise ValueError(f"correction_answers needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
+        raise ConfigError(f"correction_answers needs the dataset columns {sorted(missing)} (written by `coherendream data build`)")
     columns = ds.select_columns(["label", "negative_type", "true_caption", "completion"])
     completions = []
     for row in columns:
