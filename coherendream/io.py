@@ -16,6 +16,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -172,8 +173,4 @@ def write_results(
 def errors_by_reason(errors: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """How many error records carry each ``reason`` code, most frequent first (the summary every
     batch command writes next to its ``errors.jsonl``)."""
-    counts: dict[str, int] = {}
-    for e in errors:
-        reason = e.get("reason") or "error"
-        counts[reason] = counts.get(reason, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    return dict(Counter(e.get("reason") or "error" for e in errors).most_common())
