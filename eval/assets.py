@@ -17,8 +17,8 @@ its reason in ``errors.jsonl`` while the rest are scored.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 

@@ -31,7 +31,7 @@ Outputs in ``output_dir``: ``comparisons.jsonl`` (one line per judged pair and p
 ``summary.json`` and ``report.html`` (ratings table, a few side-by-side grids).
 
 CLI: ``coherendream eval judge PROMPT_FILE --method NAME=DIR --method NAME=DIR -o DIR``; its options
-are :class:`JudgeConfig`'s fields, plus ``--model``/``--adapter`` for the critic
+are :class:`JudgeConfig`'s fields, plus ``--critic``/``--adapter``/``--dtype``/``--device`` for the critic
 (``coherendream eval judge --help``).
 """
 

@@ -4,8 +4,9 @@ Protocol (what :func:`run_t3bench` does for each prompt of each prompt file):
 
 1. **Asset.** Either generate it (a :class:`~coherendream.generation.runner.GenerateConfig`
    template with ``prompt`` and ``output_dir`` filled per prompt: ``<output_dir>/<set>/generations/<slug>``)
-   or take an existing output from ``generations_dir``: ``<generations_dir>/<set>/<slug>`` if it exists, else
-   ``<generations_dir>/<slug>``; inside, ``gaussians.ply`` (a 3DGS PLY, what ``generate`` writes), else a
+   or take an existing output from ``generations_dir``: ``<generations_dir>/<set>/<slug>`` or
+   ``<generations_dir>/<slug>`` (each also under ``generations/``, as a run of this protocol writes
+   them); inside, ``gaussians.ply`` (a 3DGS PLY, what ``generate`` writes), else a
    ``views/`` folder of images, else the folder's own images (see :func:`resolve_output`). A missing
    or broken asset is a per-prompt error (``errors.jsonl``), never the end of the run.
 2. **Cameras.** The vertices of a subdivided icosahedron (``trimesh.creation.icosphere``, the same
@@ -47,8 +48,8 @@ already taken in the same file gets ``_2``, ``_3``, ... in file order. So ``gene
 for a prompt file are predictable, filesystem-safe and unique.
 
 CLI: ``coherendream eval t3bench PROMPT_FILE... -o DIR (--generations DIR | --generate-config YAML)``;
-its options are :class:`T3BenchConfig`'s fields, plus ``--model``/``--adapter`` for the critic and
-``--vqa-model`` (``coherendream eval t3bench --help``).
+its options are :class:`T3BenchConfig`'s fields, plus ``--critic``/``--adapter``/``--dtype``/``--device``
+for the critic and ``--vqa-model`` (``coherendream eval t3bench --help``).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ accuracy (correct answers / questions), the mean over prompts (TIFA's score), an
 the accuracy over all questions of that type (micro average) with its count.
 
 CLI: ``coherendream eval tifa PROMPT_FILE --generations DIR -o DIR``; its options are
-:class:`TifaConfig`'s fields, plus ``--model``/``--adapter`` for the answering critic
+:class:`TifaConfig`'s fields, plus ``--critic``/``--adapter``/``--dtype``/``--device`` for the answering critic
 (``coherendream eval tifa --help``).
 """
 
