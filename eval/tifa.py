@@ -227,9 +227,8 @@ def _free_text_questions(prompt: str) -> list[Question]:
     prompt_words = set(re.findall(r"[a-z]+|\d+", whole))
     for name, g in groups.items():
         noun, attributes = noun_and_attributes(g["prompt"], name.split()[-1])
-        g["noun"] = noun
         many = g["count"] > 1
-        the = f"the {_plural(noun)}" if many else f"the {noun}"
+        the = g["the"] = f"the {_plural(noun)}" if many else f"the {noun}"
         add(f"Are there {_plural(noun)}?" if many else f"Is there {_article(noun)} {noun}?", noun, "object")
         number = _NUMBER_WORD.get(g["count"], str(g["count"]))
         if many and (number in prompt_words or str(g["count"]) in prompt_words):  # a count the prompt states
@@ -241,9 +240,7 @@ def _free_text_questions(prompt: str) -> list[Question]:
         a, b = index_group[r.subject], index_group[r.object]
         if a is None or b is None or a == b:
             continue
-        na, nb = groups[a]["noun"], groups[b]["noun"]
-        sa = f"the {_plural(na)}" if groups[a]["count"] > 1 else f"the {na}"
-        sb = f"the {_plural(nb)}" if groups[b]["count"] > 1 else f"the {nb}"
+        sa, sb = groups[a]["the"], groups[b]["the"]
         if r.relation == "with":  # "a man with a beard": the beard is with (held, worn by) the man
             add(f"{'Do' if groups[b]['count'] > 1 else 'Does'} {sb} have {sa}?", r.relation, "spatial")
         else:
