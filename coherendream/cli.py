@@ -23,6 +23,7 @@ from coherendream.eval.prior_eval import PriorEvalConfig
 from coherendream.eval.procedural import DEFAULT_METHODS, ProceduralEvalConfig
 from coherendream.eval.t3bench import T3BenchConfig
 from coherendream.eval.tifa import TifaConfig
+from coherendream.shards import NUM_SHARDS_HELP, SHARD_INDEX_HELP
 
 app = typer.Typer(help="CoherenDream: multimodal-LLM critics of text-to-3D alignment.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D assets.", no_args_is_help=True)
@@ -37,7 +38,7 @@ app.add_typer(prior_app, name="prior")
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config file", exists=True, dir_okay=False)]
 # One way to split a batch job over processes, for every command that has one (coherendream.shards).
-NumShards = Annotated[Optional[int], typer.Option(help="split the work over this many processes (default: torchrun's WORLD_SIZE or the SLURM array size, else 1)")]
+NumShards = Annotated[Optional[int], typer.Option(help=NUM_SHARDS_HELP)]
 # The command line's one naming scheme: --critic (with --adapter, --dtype, --device) for the critic a
 # command uses, --prior for a diffusion prior, --model only for the base model `critic train`
 # fine-tunes (Hugging Face's model_name_or_path), -o/--output for what a command writes,
@@ -48,7 +49,7 @@ DtypeOption = Annotated[Optional[str], typer.Option(help="bfloat16, float16 or f
 DeviceOption = Annotated[Optional[str], typer.Option(help="cuda or cpu (default: cuda when available)")]
 OldModelOption = Annotated[Optional[str], typer.Option("--model", hidden=True, help="deprecated: use --critic")]
 PriorOption = Annotated[Optional[str], typer.Option("--prior", help="prior: diffusers pipeline folder or hub id (default: the embedded prior)")]
-ShardIndex = Annotated[Optional[int], typer.Option(help="this process's share (default: RANK or the SLURM array index)")]
+ShardIndex = Annotated[Optional[int], typer.Option(help=SHARD_INDEX_HELP)]
 
 
 def _fail(message: str) -> None:

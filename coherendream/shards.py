@@ -26,6 +26,10 @@ __all__ = ["shard_from_env", "resolve_shard", "shard_items", "JobMarkers", "Jobs
 
 T = TypeVar("T")
 
+# The help of every command's --num-shards / --shard-index.
+NUM_SHARDS_HELP = "split the work over this many processes (default: torchrun's WORLD_SIZE or the SLURM array size, else 1)"
+SHARD_INDEX_HELP = "this process's share (default: RANK or the SLURM array index)"
+
 
 def shard_from_env() -> tuple[int, int] | None:
     """``(num_shards, shard_index)`` from a SLURM array or torchrun (``WORLD_SIZE``/``RANK``), if set."""

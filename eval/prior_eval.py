@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from coherendream.eval.protocol import output_field
 from coherendream.io import atomic_open, atomic_path, write_json
 from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption
 
@@ -40,7 +41,7 @@ _FRONT_RELATIONS = ("left_of", "right_of", "on_top_of")
 class PriorEvalConfig:
     """Settings of ``coherendream eval prior``; each field is also a command-line option."""
 
-    output_dir: str = field(metadata={"help": "output folder (metrics.json, samples.csv, sample grids)", "flags": ("--output", "-o")})
+    output_dir: str = output_field("metrics.json, samples.csv, sample grids")
     prior: str | None = field(default=None, metadata={"help": "prior: diffusers pipeline folder or hub id (default: the embedded prior)", "deprecated_flags": ("--model",)})
     samples_per_prompt: int = field(default=8, metadata={"help": "samples of each single-object prompt"})
     relation_prompts: int = field(default=40, metadata={"help": "two-group prompts (never seen in training)"})

@@ -42,7 +42,7 @@ import numpy as np
 
 from coherendream.cameras import OrbitSpec
 from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_prompt_set
-from coherendream.eval.protocol import num_shards_field, shard_index_field
+from coherendream.eval.protocol import num_shards_field, output_field, shard_index_field
 from coherendream.io import write_json, write_results
 from coherendream.shards import resolve_shard, run_jobs
 
@@ -65,7 +65,7 @@ class ProceduralEvalConfig:
     """Settings of the procedural benchmark; each field but ``methods`` is also a command-line
     option (``methods`` comes from ``--method NAME[:key=value,...]``)."""
 
-    output_dir: str = field(metadata={"help": "output folder (generations, jobs/, results, report.html; re-running resumes)", "flags": ("--output", "-o")})
+    output_dir: str = output_field("generations, jobs/, results, report.html; re-running resumes")
     prompts: str | None = field(default=None, metadata={"help": "prompt set JSONL (default: the versioned procedural set)"})
     generate_config: str | None = field(default=None, metadata={"help": "base `generate` YAML (default: configs/generate/cpu_tiny.yaml)"})
     methods: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_METHODS.items()}, metadata={"cli": False})

@@ -12,6 +12,8 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from coherendream.shards import NUM_SHARDS_HELP, SHARD_INDEX_HELP
+
 
 def output_field(contents: str) -> Any:
     """The required output folder, ``--output``/``-o`` on the command line."""
@@ -31,11 +33,11 @@ def progress_field() -> Any:
 
 
 def num_shards_field() -> Any:
-    return field(default=None, metadata={"help": "split the work over this many processes (default: torchrun's WORLD_SIZE or the SLURM array size, else 1)"})
+    return field(default=None, metadata={"help": NUM_SHARDS_HELP})
 
 
 def shard_index_field() -> Any:
-    return field(default=None, metadata={"help": "this process's share (default: RANK or the SLURM array index)"})
+    return field(default=None, metadata={"help": SHARD_INDEX_HELP})
 
 
 def check_common(config: Any) -> None:
