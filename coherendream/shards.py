@@ -43,9 +43,19 @@ def shard_from_env() -> tuple[int, int] | None:
 
 
 def resolve_shard(num_shards: int | None = None, shard_index: int | None = None) -> tuple[int, int]:
-    """The explicit shard if given, else the environment's, else ``(1, 0)``; checked."""
+    """The explicit shard if given, else the environment's, else ``(1, 0)``; checked.
+
+    Processes given ``num_shards`` explicitly are taken to share one machine: each gets
+    ``cores // num_shards`` torch threads unless ``OMP_NUM_THREADS`` is set
+    (:func:`coherendream.devices.threads_for_shards`). torchrun sets that variable itself, and a
+    SLURM array's tasks have cores of their own.
+    """
     if num_shards is None and shard_index is None:
         num_shards, shard_index = shard_from_env() or (1, 0)
+    elif num_shards is not None and int(num_shards) > 1:
+        from coherendream.devices import threads_for_shards
+
+        threads_for_shards(int(num_shards))
     num_shards = 1 if num_shards is None else int(num_shards)
     shard_index = 0 if shard_index is None else int(shard_index)
     if num_shards < 1 or not 0 <= shard_index < num_shards:

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from coherendream.config import dump_yaml, load_config, read_yaml, to_dict
+from coherendream.devices import cpu_has_fast_bf16
 from coherendream.generation.camera_sampler import view_prompt
 from coherendream.generation.pixel_prior import TEXT_MAX_LENGTH, PixelPriorShapes, build_pixel_prior
 from coherendream.io import atomic_path, write_json, write_text
@@ -64,7 +65,7 @@ class TrainPriorConfig:
     max_grad_norm: float = 1.0
     snr_gamma: float | None = 5.0
     ema_decay: float = 0.999
-    mixed_precision: str = "bf16"  # "no" | "bf16" (autocast; on a CPU without bf16 units use "no")
+    mixed_precision: str = "auto"  # "auto" (bf16 autocast where the CPU has bf16 units, else none) | "bf16" | "no"
     seed: int = 0
     num_threads: int = 2
     checkpoint_every: int = 500
@@ -190,7 +191,11 @@ def main(argv: list[str] | None = None) -> Path:
     # ---- 4. the loop
     from tqdm.auto import tqdm
 
-    autocast = cfg.mixed_precision == "bf16"
+    if cfg.mixed_precision not in ("auto", "bf16", "no"):
+        raise SystemExit(f"mixed_precision must be auto, bf16 or no, got {cfg.mixed_precision!r}")
+    autocast = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and cpu_has_fast_bf16())
+    print(f"autocast {'bf16' if autocast else 'off (float32)'}, {torch.get_num_threads()} torch threads"
+          + ("" if autocast or cpu_has_fast_bf16() else " (this CPU has no bf16 units: emulated bf16 is 10-20x slower)"))
     window: list[float] = []
     bar = tqdm(range(start, cfg.train_steps), initial=start, total=cfg.train_steps, desc="train prior", dynamic_ncols=True)
     t_loop = time.perf_counter()
@@ -243,7 +248,7 @@ def main(argv: list[str] | None = None) -> Path:
     info = {
         "training_images": n, "distinct_captions": len(set(plain)), "holdout_captions": cfg.holdout_captions,
         "seconds_data": round(t_data, 1), "seconds_train_this_call": round(t_train, 1), "steps": cfg.train_steps, "resumed_from": start or None,
-        "data_config": read_yaml(data_config), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "data_config": read_yaml(data_config), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "autocast_bf16": autocast,
     }  # fmt: skip
     write_json(out / "train_info.json", info)
     # What the model card and `eval prior` need to know of the training data, kept with the weights.
