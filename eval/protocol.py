@@ -12,12 +12,18 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from coherendream.output_folder import OutputFolder
 from coherendream.shards import NUM_SHARDS_HELP, SHARD_INDEX_HELP
 
 
 def output_field(contents: str) -> Any:
     """The required output folder, ``--output``/``-o`` on the command line."""
     return field(metadata={"help": f"output folder ({contents})", "flags": ("--output", "-o")})
+
+
+def overwrite_field() -> Any:
+    """``--overwrite``: replace what this command wrote into its output folder with other settings."""
+    return field(default=False, metadata={"help": "replace an earlier run of this command with other settings in the output folder"})
 
 
 def batch_size_field() -> Any:
@@ -38,6 +44,23 @@ def num_shards_field() -> Any:
 
 def shard_index_field() -> Any:
     return field(default=None, metadata={"help": SHARD_INDEX_HELP})
+
+
+# How a run is carried out, not what it computes: a resumed, re-batched or sharded run is the same run.
+RUN_ONLY_FIELDS = frozenset({"output_dir", "overwrite", "progress", "num_shards", "shard_index", "batch_size"})
+
+
+def output_folder(config: Any, command: str, critic_source: dict | None = None) -> OutputFolder:
+    """The check (and, with ``.take()``, the claim) of an eval command's output folder: its settings
+    are the config's fields less :data:`RUN_ONLY_FIELDS`, plus the critic it scores with."""
+    from coherendream.config import to_dict
+
+    settings = {k: v for k, v in to_dict(config).items() if k not in RUN_ONLY_FIELDS}
+    if critic_source is not None:
+        settings["critic"] = critic_source
+    # Only the first shard replaces an earlier run; the others join the run it starts.
+    overwrite = getattr(config, "overwrite", False) and not getattr(config, "shard_index", None)
+    return OutputFolder(config.output_dir, f"eval {command}", settings, overwrite=overwrite)
 
 
 def check_common(config: Any) -> None:

@@ -454,10 +454,32 @@ class Report:
         )
 
     def write(self, path: str | Path) -> Path:
-        """Write the page atomically (temp file + rename); returns the path."""
+        """Write the page atomically (temp file + rename); returns the path.
+
+        A page written into a command's output folder ends with what produced it: the command,
+        its settings, the toolkit's version and the date (``coherendream_run.json``)."""
+        from coherendream.output_folder import read_record
+
         path = Path(path)
-        write_text(path, self.render())
+        record = read_record(path.parent)
+        if record is None:
+            write_text(path, self.render())
+            return path
+        page = Report(self.title)
+        page._blocks = [*self._blocks]
+        page.add_heading("What produced this report")
+        page.add_text(f"coherendream {record['command']}, toolkit {record.get('toolkit_version', '?')}, "
+                      f"started {record.get('created', '?')}, last run {record.get('updated', '?')} (UTC). Its settings:")  # fmt: skip
+        page.add_table([{"setting": k, "value": v} for k, v in _flatten(record.get("settings", {}))], ["setting", "value"])
+        write_text(path, page.render())
         return path
+
+
+def _flatten(settings: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, value)`` pairs of a nested settings dict, values as compact JSON."""
+    if isinstance(settings, dict) and settings:
+        return [pair for k, v in settings.items() for pair in _flatten(v, f"{prefix}{k}.")]
+    return [(prefix.rstrip("."), settings if isinstance(settings, str) else json.dumps(settings))]
 
 
 # ----------------------------------------------------------------------------- result files
