@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -16,6 +17,7 @@ import typer
 
 from coherendream.cli_options import options_from, warn_deprecated
 from coherendream.config import ConfigError
+from coherendream.output_folder import FolderTaken, OutputFolder
 from coherendream.eval.assets import AssetsEvalConfig
 from coherendream.eval.critic_eval import CriticEvalConfig
 from coherendream.eval.judge import JudgeConfig
@@ -25,14 +27,14 @@ from coherendream.eval.t3bench import T3BenchConfig
 from coherendream.eval.tifa import TifaConfig
 from coherendream.shards import NUM_SHARDS_HELP, SHARD_INDEX_HELP
 
-app = typer.Typer(help="CoherenDream: multimodal-LLM critics of text-to-3D alignment.", no_args_is_help=True, add_completion=False)
-data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D assets.", no_args_is_help=True)
+app = typer.Typer(help="CoherenDream: multimodal-LLM critics of text-to-3D alignment.", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+data_app = typer.Typer(help="Build multiview text-alignment datasets from 3D assets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
-critic_app = typer.Typer(help="Train, merge and apply multiview critics.", no_args_is_help=True)
+critic_app = typer.Typer(help="Train, merge and apply multiview critics.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(critic_app, name="critic")
-eval_app = typer.Typer(help="Evaluate critics and 3D assets.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate critics and 3D assets.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(eval_app, name="eval")
-prior_app = typer.Typer(help="Look at what a text-to-image diffusion prior knows before distilling from it.", no_args_is_help=True)
+prior_app = typer.Typer(help="Look at what a text-to-image diffusion prior knows before distilling from it.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(prior_app, name="prior")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="config overrides, key.sub=value", show_default=False)]
@@ -50,6 +52,22 @@ DeviceOption = Annotated[Optional[str], typer.Option(help="cuda or cpu (default:
 OldModelOption = Annotated[Optional[str], typer.Option("--model", hidden=True, help="deprecated: use --critic")]
 PriorOption = Annotated[Optional[str], typer.Option("--prior", help="prior: diffusers pipeline folder or hub id (default: the embedded prior)")]
 ShardIndex = Annotated[Optional[int], typer.Option(help=SHARD_INDEX_HELP)]
+
+
+class _EchoHandler(logging.Handler):
+    """The toolkit's INFO lines (device, precision, threads, resuming) on stderr, through typer so
+    that they go wherever the command's output goes."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+@app.callback()
+def _setup() -> None:
+    package = logging.getLogger("coherendream")
+    if not any(isinstance(h, _EchoHandler) for h in package.handlers):
+        package.addHandler(_EchoHandler())
+        package.setLevel(logging.INFO)
 
 
 def _fail(message: str) -> None:
@@ -81,6 +99,25 @@ def _end_scoring(summary: dict, kind: str, source: Path, output: Path, where: st
     _echo_rejects(summary[kind], summary["errors_by_reason"])
     if summary["scored"] == 0:
         _fail(f"no {kind[:-1]} of {source} could be scored (reasons in {Path(output) / 'errors.jsonl'})")
+
+
+def _critic_source(critic: Optional[str], adapter: Optional[Path], model: Optional[str] = None) -> dict:
+    """The critic as an output folder records it: what `Critic.from_pretrained` is given (its ``source``)."""
+    from coherendream.critic.model import default_critic_path
+
+    return {"critic": str(critic or model or default_critic_path()), "adapter": None if adapter is None else str(adapter)}
+
+
+def _check_output(config, command: str, critic_source: Optional[dict] = None, resumes: bool = False) -> None:
+    """Refuse, before any model loads, an output folder the eval command may not write; say when it resumes."""
+    from coherendream.eval.protocol import output_folder
+
+    try:
+        folder = output_folder(config, command, critic_source)
+    except ValueError as err:
+        _fail(str(err))
+    if resumes and folder.resuming:
+        typer.echo(f"resuming in {config.output_dir} (its earlier run had the same settings)")
 
 
 def _echo_rejects(total: int, by_reason: dict[str, int]) -> None:
@@ -155,17 +192,28 @@ def data_build(
 @data_app.command("export-llava")
 def data_export_llava(
     dataset_dir: Annotated[Path, typer.Argument(help="a folder written by `data build`")],
-    output: Annotated[Path, typer.Argument(help="folder for images/ and <split>.json")],
+    output_arg: Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="the same as -o", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for images/ and <split>.json")] = None,
     split: Annotated[str, typer.Option(help="split to export")] = "train",
 ) -> None:
     """Export a split as LLaVA conversation JSON with the view grids as image files."""
     from coherendream.data.export import export_llava
 
+    output = _one_output(output, output_arg)
     try:
         path = export_llava(dataset_dir, output, split)
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     typer.echo(f"wrote {path}")
+
+
+def _one_output(option: Optional[Path], positional: Optional[Path]) -> Path:
+    """-o, or the older positional form; never two different ones."""
+    if option is not None and positional is not None and option != positional:
+        _fail(f"two outputs given ({positional} and -o {option}): give one")
+    if option is None and positional is None:
+        _fail("missing option '--output' / '-o'")
+    return option or positional
 
 
 def _end_process_group() -> None:
@@ -203,7 +251,7 @@ def critic_train(
         _fail(str(err))
     try:
         out = train_critic(cfg)
-    except (FileNotFoundError, ConfigError) as err:  # settings, a model or a dataset that do not fit; other errors keep their traceback
+    except (FileNotFoundError, ConfigError, FolderTaken) as err:  # settings, a model, a dataset or a folder that do not fit; other errors keep their traceback
         _fail(str(err))
     _end_process_group()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes the folder, so only it says so
@@ -229,7 +277,7 @@ def critic_merge(
         _fail(f"{cfg_file}: names no base model; pass --base")
     try:
         out = merge_adapter(base, str(adapter), str(output))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, FolderTaken) as err:
         _fail(str(err))
     typer.echo(f"merged model written to {Path(out).resolve()}")
 
@@ -253,6 +301,7 @@ def critic_score(
     num_shards: NumShards = None,
     shard_index: ShardIndex = None,
     chunk_size: Annotated[int, typer.Option(help="items per chunk (the unit of resuming and of splitting)")] = 256,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier `critic score` run with other settings in the output folder")] = False,
     model: OldModelOption = None,
 ) -> None:
     """Score 3D assets' views against prompts: P("Yes") and the yes/no logit margin per item.
@@ -267,7 +316,13 @@ def critic_score(
 
     try:
         items = items_from_input(input, kind, split=split, prompts_file=prompts_file, root=root)
+        settings = {"input": str(input), "kind": kind, "split": split, "prompts_file": prompts_file and str(prompts_file),
+                    "root": root and str(root), "chunk_size": chunk_size, "critic": _critic_source(critic, adapter, model)}  # fmt: skip
+        folder = OutputFolder(output, "critic score", settings, overwrite=overwrite and not shard_index)
+        if folder.resuming:
+            typer.echo(f"resuming in {output} (its earlier run had the same settings)")
         scorer = _load_critic(critic, adapter, dtype, device, model)
+        folder.take()
         metadata = {"model": critic or model or str(default_critic_path()), "adapter": str(adapter) if adapter else None, "input": str(input)}
         summary = score_to_files(scorer, items, output, batch_size=batch_size, metadata=metadata,
                                  num_shards=num_shards, shard_index=shard_index, chunk_size=chunk_size)  # fmt: skip
@@ -278,7 +333,8 @@ def critic_score(
 
 @critic_app.command("build-tiny")
 def critic_build_tiny(
-    output: Annotated[Path, typer.Argument(help="folder for the random tiny critic")],
+    output_arg: Annotated[Optional[Path], typer.Argument(metavar="[OUTPUT]", help="the same as -o", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for the random tiny critic")] = None,
     image_size: Annotated[int, typer.Option(help="processor crop size in pixels")] = 64,
     patch_size: Annotated[int, typer.Option(help="vision patch size; (image_size / patch_size)^2 image tokens")] = 8,
     text_hidden: Annotated[int, typer.Option(help="hidden size of the Llama text model")] = 64,
@@ -295,7 +351,9 @@ def critic_build_tiny(
     """Build a tiny random LLaVA critic offline (word-level tokenizer, CLIP processor), for tests and experiments."""
     from coherendream.critic.tiny import build_tiny_critic
 
+    output = _one_output(output, output_arg)
     try:
+        OutputFolder(output, "critic build-tiny", {}, overwrite=True).take()  # a random critic: same or new, never another's folder
         path = build_tiny_critic(
             output, image_size=image_size, patch_size=patch_size, text_hidden=text_hidden, text_layers=text_layers,
             num_heads=text_heads, vision_hidden=vision_hidden, vision_layers=vision_layers, vision_feature_layer=vision_feature_layer,
@@ -372,6 +430,7 @@ def eval_critic(config: CriticEvalConfig, critic: CriticOption = None, adapter: 
     """Accuracy, ROC-AUC, calibration (ECE, reliability diagram) and pairwise accuracy, per negative type."""
     from coherendream.eval.critic_eval import evaluate_critic, per_type_table
 
+    _check_output(config, "critic", _critic_source(critic, adapter, model))
     try:
         metrics = evaluate_critic(_load_critic(critic, adapter, dtype, device, model), config)
     except (ValueError, FileNotFoundError) as err:
@@ -379,7 +438,8 @@ def eval_critic(config: CriticEvalConfig, critic: CriticOption = None, adapter: 
     o = metrics["overall"]
     typer.echo(f"{metrics['scored']} rows: accuracy {o['accuracy']:.3f}, ROC-AUC {o['roc_auc'] if o['roc_auc'] is None else round(o['roc_auc'], 3)}, ECE {o['ece']:.3f}")
     for row in per_type_table(metrics):
-        typer.echo(f"  {row['negative type']:>14}: accuracy {row['accuracy']:.3f} (n={row['n']})")
+        if row["n"]:
+            typer.echo(f"  {row['negative type']:>14}: accuracy {row['accuracy']:.3f} (n={row['n']})")
     typer.echo(f"report: {config.output_dir.resolve() / 'report.html'}")
 
 
@@ -395,6 +455,7 @@ def eval_assets(config: AssetsEvalConfig, critic: CriticOption = None, adapter: 
     from coherendream.data.manifest import check_manifest
     from coherendream.eval.assets import evaluate_assets
 
+    _check_output(config, "assets", _critic_source(critic, adapter, model), resumes=True)
     try:
         check_manifest(config.manifest)  # before the critic loads: a manifest no row of which can be used
         summary = evaluate_assets(_load_critic(critic, adapter, dtype, device, model), config)
@@ -427,6 +488,7 @@ def eval_t3bench(
     """
     from coherendream.eval.t3bench import make_vqa_scorer, run_t3bench
 
+    _check_output(config, "t3bench", _critic_source(critic, adapter, model), resumes=True)
     try:
         scorer = _load_critic(critic, adapter, dtype, device, model)
         vqa = make_vqa_scorer(vqa_model, num_views=scorer.config.num_views) if vqa_model else None
@@ -457,11 +519,14 @@ def eval_tifa(config: TifaConfig, critic: CriticOption = None, adapter: AdapterO
     """TIFA-style protocol: yes/no questions from each prompt, answered by an MLLM on the renders."""
     from coherendream.eval.tifa import question_scorer, run_tifa
 
+    _check_output(config, "tifa", _critic_source(critic, adapter, model))
     try:
         summary = run_tifa(config, question_scorer(_load_critic(critic, adapter, dtype, device, model)))
     except (ValueError, FileNotFoundError) as err:
         _fail(str(err))
     _summary_line(summary, config.output_dir)
+    typer.echo("(accuracy_yes: stated facts answered yes; accuracy_no: contrast facts answered no; tifa: mean share of a prompt's "
+               f"questions answered as expected) report: {Path(config.output_dir).resolve() / 'report.html'}")  # fmt: skip
     _echo_rejects(summary["prompts"], summary["errors_by_reason"])
     if summary["scored"] == 0:
         _fail(f"no prompt of {config.prompt_file} could be scored (reasons in {config.output_dir / 'errors.jsonl'})")
@@ -474,6 +539,7 @@ def eval_judge(config: JudgeConfig, critic: CriticOption = None, adapter: Adapte
     """Pairwise MLLM judging of methods' renders per prompt, with maximum-likelihood Elo."""
     from coherendream.eval.judge import judge_methods
 
+    _check_output(config, "judge", _critic_source(critic, adapter, model))
     try:
         summary = judge_methods(config, _load_critic(critic, adapter, dtype, device, model))
     except (ValueError, FileNotFoundError) as err:
@@ -556,6 +622,7 @@ def eval_procedural(
             _fail(f"--method {spec}: unknown method; give NAME:key=value,... or one of {', '.join(DEFAULT_METHODS)}")
     try:
         cfg = dataclasses.replace(config, methods=methods or config.methods, overrides=list(config.overrides) + ([f"steps={steps}"] if steps is not None else []))
+        _check_output(cfg, "procedural", resumes=True)
         status = run_procedural_eval(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         _fail(str(err))
@@ -578,13 +645,14 @@ def demo(
     eval_scenes: Annotated[int, typer.Option(help="procedural scenes in the critic's evaluation set")] = 96,
     prompts_per_category: Annotated[int, typer.Option(help="benchmark prompts generated per category")] = 1,
     steps: Annotated[int, typer.Option(help="optimisation steps per generation")] = 200,
+    overwrite: Annotated[bool, typer.Option(help="replace an earlier demo with other settings in the output folder")] = False,
 ) -> None:
     """Evaluate the embedded critic, then generate a slice of the procedural benchmark with SDS and with TCSD on CPU; one HTML report."""
     from coherendream.demo import DemoConfig, run_demo
 
     try:
         cfg = DemoConfig(output_dir=str(output), critic=critic, eval_scenes=eval_scenes, prompts_per_category=prompts_per_category,
-                         steps=steps, overrides=list(overrides or []))  # fmt: skip
+                         steps=steps, overrides=list(overrides or []), overwrite=overwrite)  # fmt: skip
         summary = run_demo(cfg)
     except (ValueError, FileNotFoundError, ConfigError) as err:
         _fail(str(err))
@@ -613,7 +681,12 @@ def main() -> None:
     # up front (no NVIDIA device node: a cheap check that needs no torch import).
     if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
         os.environ["DS_ACCELERATOR"] = "cpu"
-    app()
+    try:
+        app()
+    except SystemExit as stop:
+        if stop.code == 130:  # typer's exit on Ctrl-C, which says nothing by itself
+            typer.echo("\ninterrupted: finished work is kept; run the same command again to resume", err=True)
+        raise
 
 
 if __name__ == "__main__":

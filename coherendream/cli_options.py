@@ -62,6 +62,8 @@ def config_parameters(config_cls: type) -> list[inspect.Parameter]:
         else:
             default = inspect.Parameter.empty
         help_text = f.metadata.get("help")
+        if default is None and _required(f):  # typer sees a default: say it all the same
+            help_text = f"{help_text}  [required]"
         if f.metadata.get("argument"):
             info = typer.Argument(help=help_text, show_default=default is not inspect.Parameter.empty)
         else:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from coherendream.io import write_json
+from coherendream.output_folder import OutputFolder
 
 
 @dataclass
@@ -31,6 +32,7 @@ class DemoConfig:
     steps: int = 200
     num_workers: int = 2
     overrides: list[str] = field(default_factory=list)  # extra `generate` overrides, key=value
+    overwrite: bool = False  # replace an earlier demo with other settings in output_dir
 
     def __post_init__(self) -> None:
         # the command-line names: this is what the demo command builds from its options
@@ -47,9 +49,12 @@ def run_demo(config: DemoConfig) -> dict:
     from coherendream.eval.critic_eval import CriticEvalConfig, evaluate_critic, per_type_table
     from coherendream.eval.procedural import ProceduralEvalConfig, run_procedural_eval
 
-    out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     critic_path = config.critic or str(default_critic_path())
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("output_dir", "num_workers", "overwrite")}
+    folder = OutputFolder(config.output_dir, "demo", {**settings, "critic": critic_path}, overwrite=config.overwrite)
+    if folder.resuming:
+        print(f"resuming in {config.output_dir} (its earlier demo had the same settings)")
+    out = folder.take()
     critic = Critic.from_pretrained(critic_path, device="cpu")
     crop = min(critic.image_size)
     view_res = config.view_resolution or max(16, crop // 2)
@@ -94,7 +99,7 @@ def run_demo(config: DemoConfig) -> dict:
 
 
 def _report(summary: dict, metrics: dict, rows: list[dict], bench: object, path: Path) -> None:
-    from coherendream.eval.critic_eval import per_type_table
+    from coherendream.eval.critic_eval import METRICS_EXPLAINED, per_type_table
     from coherendream.eval.procedural import add_side_by_side
     from coherendream.eval.procedural_prompts import read_prompt_set
     from coherendream.eval.report import Report, reliability_diagram
@@ -105,9 +110,12 @@ def _report(summary: dict, metrics: dict, rows: list[dict], bench: object, path:
     o = metrics["overall"]
     report.add_table([{"rows": metrics["scored"], "accuracy": o["accuracy"], "ROC-AUC": o["roc_auc"], "ECE": o["ece"], "pairwise accuracy": o["pairwise_accuracy"]}])
     report.add_table(per_type_table(metrics))
+    report.add_text(METRICS_EXPLAINED)
     report.add_image(reliability_diagram(o["calibration"]), caption="Reliability of P(yes)", width=360)
     report.add_heading("2. Text to 3D from grey Gaussians: score distillation with and without the critic")
-    report.add_text("Verdicts from the renders, judged against real renders of the procedural scenes: each object's colour "
+    steps = next((o.split("=", 1)[1] for o in reversed(getattr(bench, "overrides", [])) if o.startswith("steps=")), "?")
+    report.add_text(f"{steps} optimisation steps per generation, seeds {', '.join(map(str, sorted({r['seed'] for r in rows})))}. "
+                    "Verdicts from the renders, judged against real renders of the procedural scenes: each object's colour "
                     "(the share of objects in their own colour), whether the colours stand in the relation's order, "
                     "and the critic's own P(yes). The full benchmark: coherendream eval procedural.")  # fmt: skip
     report.add_table([{"prompt": r["prompt"], "method": r["method"], "seed": r["seed"], "object colour": r["object_color"],

@@ -71,6 +71,23 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
             fh.write(json.dumps(row) + "\n")
 
 
+def check_safetensors(folder: str | Path, what: str) -> None:
+    """Refuse a local model folder with a ``*.safetensors`` file that is truncated or corrupt, naming
+    the file, before a loader fails on it with the library's own message (which names neither)."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for path in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as err:  # safetensors raises its own SafetensorError (no public class) or OSError
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{what} {folder}: weights file {path.relative_to(folder)} is truncated or corrupt ({reason}); copy or download it again") from err
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -64,3 +64,29 @@ def prompt_messages(question: str, num_images: int = 1) -> list[dict]:
 def completion_messages(answer: str) -> list[dict]:
     """Assistant turn holding the answer (``"Yes"`` or ``"No"``, or a caption)."""
     return [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+
+
+def unreadable_text(tokenizer: object, text: str, max_tokens: int | None, model: str) -> str | None:
+    """What of ``text`` ``model`` cannot read, as one sentence, or None: the words its tokenizer
+    maps to the unknown token (a word-level vocabulary such as the embedded models' knows only
+    its training words) and a length past ``max_tokens`` (the rest is cut off or out of range).
+
+    The tokenizer's own "indexing errors" warning for long texts is silenced: this says it instead.
+    """
+    warned = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(warned, dict):
+        warned["sequence-length-is-longer-than-the-specified-maximum"] = True
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, spans = encoded["input_ids"], encoded["offset_mapping"]
+    problems = []
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is not None:
+        words = list(dict.fromkeys(text[a:b] or "?" for i, (a, b) in zip(ids, spans) if i == unk))
+        if words:
+            shown = ", ".join(repr(w) for w in words[:8]) + (f" and {len(words) - 8} more" if len(words) > 8 else "")
+            problems.append(f"words outside its vocabulary ({shown})")
+    if max_tokens is not None and len(ids) > max_tokens:
+        problems.append(f"{len(ids)} tokens, more than the {max_tokens} it reads")
+    if not problems:
+        return None
+    return f"{model} cannot read all of this text: {'; '.join(problems)}"

@@ -411,6 +411,9 @@ def score_items(
             except ItemError as err:
                 results.append({"id": str(raw_id) if raw_id is not None else "", "prompt": prompt, "reason": err.reason, "error": str(err), **extra})
             else:
+                note = _unreadable(critic, prompt)
+                if note:  # scored all the same, but marked: the score does not judge those words
+                    extra["text_warning"] = note
                 results.append({"id": item_id, "prompt": prompt, **extra})  # filled in by _score_batch
                 pending.append((len(results) - 1, images, prompt))
                 if len(pending) >= batch_size:
@@ -419,6 +422,20 @@ def score_items(
         flush()
     return results
 
+
+
+_warned: set[str] = set()
+
+
+def _unreadable(critic: Any, prompt: str) -> str | None:
+    """The critic's :meth:`~coherendream.critic.Critic.unreadable_text` of ``prompt`` (None for a
+    scorer without it), logged the first time each is seen in this process."""
+    check = getattr(critic, "unreadable_text", None)
+    note = check(prompt) if callable(check) else None
+    if note and note not in _warned and len(_warned) < 20:
+        _warned.add(note)
+        logger.warning("%s (prompt %r); its rows are marked in text_warning", note, prompt[:80])
+    return note
 
 
 def _score_batch(critic: Any, pending: list[tuple[int, list, str]], results: list) -> list[dict]:

@@ -30,8 +30,9 @@ import torch.nn.functional as F
 
 from coherendream.cameras import OrbitSpec, ring_azimuths
 from coherendream.grid import GridLayout, tile
+from coherendream.io import check_safetensors
 from coherendream.library_warnings import library_deprecations_hidden
-from coherendream.prompts import QUESTION_TEMPLATE, check_question_template, format_question, prompt_messages
+from coherendream.prompts import QUESTION_TEMPLATE, check_question_template, format_question, prompt_messages, unreadable_text
 
 DEFAULT_BASE_MODEL = "llava-hf/llava-1.5-7b-hf"
 CRITIC_CONFIG_NAME = "critic_config.json"
@@ -213,6 +214,7 @@ def load_image_text_model(name_or_path: str | Path, dtype: torch.dtype | None = 
     from transformers import AutoModelForImageTextToText
 
     name = str(name_or_path)
+    check_safetensors(name, "model")
     try:
         return AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -244,6 +246,7 @@ class Critic:
         self.model = model
         self.processor = processor
         self.config = config or CriticConfig()
+        self.source: dict | None = None  # set by from_pretrained: the folder or hub id and adapter it loaded
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.yes_ids = resolve_answer_token_ids(self.tokenizer, self.config.yes_variants)
@@ -284,6 +287,8 @@ class Critic:
         Weights load from safetensors only. The model is put in eval mode with its parameters
         frozen: the critic is a scorer (gradients flow to the views, not the weights).
         """
+        # what a run's output folder records as its critic (coherendream.output_folder)
+        source = {"critic": str(model_name_or_path), "adapter": None if adapter is None else str(adapter)}
         base = str(model_name_or_path)
         base_dir = Path(base)
         # A hub id is "name" or "namespace/name"; anything else is a local path and must exist
@@ -314,6 +319,7 @@ class Critic:
         if adapter is not None:
             from peft import PeftModel
 
+            check_safetensors(adapter, "adapter")
             with library_deprecations_hidden():
                 model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         model.to(device)
@@ -325,7 +331,9 @@ class Critic:
                 config = CriticConfig.load(directory) if directory.is_dir() else None
                 if config is not None:
                     break
-        return cls(model, processor, config)
+        critic = cls(model, processor, config)
+        critic.source = source
+        return critic
 
     def save_pretrained(self, save_dir: str | Path) -> Path:
         """Save model (full weights, or only the adapter of a PEFT model), processor and config.
@@ -459,6 +467,24 @@ class Critic:
         return images.to(self.dtype)
 
     # ------------------------------------------------------------------ text
+    def unreadable_text(self, prompt: str) -> str | None:
+        """What of ``prompt`` this critic cannot read (words outside its vocabulary, a question
+        longer than its context), as one sentence, or None. Such a prompt still gets a score,
+        but the score does not judge those words: callers warn and mark the row."""
+        cache = self.__dict__.setdefault("_unreadable", {})
+        if prompt not in cache:
+            config = getattr(self.model.config, "text_config", self.model.config)
+            limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None))
+                      if isinstance(n, int) and n < 1_000_000]  # fmt: skip
+            budget = None
+            if limits:
+                # the question around the prompt and the image tokens take their share of the context
+                frame = len(self.tokenizer(self.questions(["x"])[0], add_special_tokens=False)["input_ids"]) - 1
+                images = int(getattr(self.model.config, "image_seq_length", 0) or 0) * self.config.images_per_sample
+                budget = max(1, min(limits) - frame - images)
+            cache[prompt] = unreadable_text(self.tokenizer, prompt, budget, "the critic")
+        return cache[prompt]
+
     def questions(self, prompts: Sequence[str]) -> list[str]:
         """The question asked for each caption."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):

@@ -28,9 +28,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from coherendream.config import ConfigError, dump_yaml
+from coherendream.config import ConfigError, dump_yaml, to_dict
 from coherendream.io import write_text
 from coherendream.library_warnings import library_deprecations_hidden
+from coherendream.output_folder import OutputFolder
 from coherendream.prompts import ANSWER_NO, ANSWER_YES, completion_messages, format_describe, format_question, prompt_messages
 
 # LoRA on the language model only: this regex does not match the CLIP tower's q/k/v_proj.
@@ -150,6 +151,7 @@ def training_arguments(config: CriticTrainConfig):
     if config.mode == "dpo":
         args.pop("max_length", None)
     cls = DPOConfig if config.mode == "dpo" else SFTConfig
+    _numbers_as_numbers(cls, args)
     try:
         built = cls(**args)
     except TypeError as err:  # a key TRL does not know: name it as the config spells it
@@ -196,6 +198,23 @@ def peft_config(config: CriticTrainConfig):
     )
 
 
+def _numbers_as_numbers(cls: type, args: dict) -> None:
+    """Read the numeric training keys given as text ("2e-4": YAML 1.1 reads it as a string) as
+    numbers, in place; text that is no number is a :class:`ConfigError` naming the key, not a
+    TypeError deep in TRL once the model has loaded."""
+    import dataclasses
+
+    kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in args.items():
+        kind = {int: int, "int": int, float: float, "float": float}.get(kinds.get(key))
+        if kind is None or not isinstance(value, str):
+            continue
+        try:
+            args[key] = kind(value)
+        except ValueError:
+            raise ConfigError(f"training.{key} must be a number, got {value!r}") from None
+
+
 def load_rows(config: CriticTrainConfig):
     """(train, eval) datasets with TRL's columns; a built folder is read from its Parquet files."""
     from datasets import load_dataset
@@ -213,6 +232,10 @@ def load_rows(config: CriticTrainConfig):
     if config.train_split not in dsd:
         raise ConfigError(f"dataset {config.dataset}: no split {config.train_split!r} (have {sorted(dsd)})")
     train = dsd[config.train_split]
+    missing = {"images", "prompt", "completion"} - set(train.column_names)
+    if missing:
+        raise ConfigError(f"dataset {config.dataset}: not a critic dataset (no {', '.join(sorted(missing))} column; it has "
+                          f"{', '.join(train.column_names)}): give a `coherendream data build` folder")  # fmt: skip
     evaluation = dsd[config.eval_split] if config.eval_split and config.eval_split in dsd else None
     if config.max_train_samples is not None:
         train = train.select(range(min(config.max_train_samples, len(train))))
@@ -433,11 +456,23 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return str(max(complete)[1]) if complete else None
 
 
+# Training keys a resumed run may change: how long it runs and how it logs and saves, not what a
+# step computes (``critic train`` resumes from the last checkpoint with more steps, say).
+_RESUMABLE_TRAINING_KEYS = frozenset({"max_steps", "num_train_epochs", "save_steps", "save_total_limit", "logging_steps",
+                                      "report_to", "run_name", "logging_dir", "dataloader_num_workers", "eval_steps"})  # fmt: skip
+
+
 def train_critic(config: CriticTrainConfig) -> Path:
     """Train, save the adapter (or full model) and processor in ``output_dir``; returns it."""
     out = Path(config.output_dir)
+    settings = {k: v for k, v in to_dict(config).items() if k not in ("output_dir", "resume_from_checkpoint")}
+    settings["training"] = {k: v for k, v in config.training.items() if k not in _RESUMABLE_TRAINING_KEYS}
+    folder = OutputFolder(out, "critic train", settings)  # before loading: a folder this run may not write is refused now
     trainer = make_trainer(config)  # first: a model or dataset that cannot load leaves no folder behind
-    out.mkdir(parents=True, exist_ok=True)
+    if trainer.is_world_process_zero():
+        folder.take()
+    else:
+        out.mkdir(parents=True, exist_ok=True)
     write_text(out / "coherendream_train_config.yaml", dump_yaml(config))
     resume = config.resume_from_checkpoint
     if resume == "auto":
@@ -458,10 +493,11 @@ def merge_adapter(base: str, adapter: str, output_dir: str, dtype: str = "auto",
 
     from coherendream.critic.model import load_image_text_model, load_processor
 
+    folder = OutputFolder(output_dir, "critic merge", {"base": base, "adapter": str(adapter), "dtype": dtype})
     model = load_image_text_model(base, _dtype(dtype), trust_remote_code)
     with library_deprecations_hidden():
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    out = Path(output_dir)
+    out = folder.take()
     merged.save_pretrained(str(out), safe_serialization=True)
     # the processor saved with the adapter (same tokenizer and chat template) wins over the base's
     source = adapter if (Path(adapter) / "preprocessor_config.json").exists() or (Path(adapter) / "processor_config.json").exists() else base

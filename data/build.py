@@ -39,6 +39,7 @@ import numpy as np
 
 from coherendream.cameras import OrbitSpec
 from coherendream.config import dump_yaml, to_dict
+from coherendream.devices import threads_for_shards
 from coherendream.data.assets import AssetError, load_mesh
 from coherendream.data.manifest import AssetRef, Rejection, evenly_spaced, list_view_images, read_manifest, scan_mesh_dir, scan_render_dir
 from coherendream.data.negatives import NEGATIVE_TYPES, Negative, NegativeConfig, procedural_negative, text_negative
@@ -46,6 +47,7 @@ from coherendream.data.procedural import ProceduralConfig, Scene, caption_holds,
 from coherendream.vocabulary import parse_caption
 from coherendream.shards import shard_items
 from coherendream.grid import GridLayout, tile
+from coherendream.output_folder import OutputFolder
 from coherendream.io import atomic_path, errors_by_reason, read_jsonl, write_json, write_jsonl, write_results, write_text
 from coherendream.prompts import (
     ANSWER_NO,
@@ -479,8 +481,9 @@ def _init_worker(config: BuildConfig, pools) -> None:
     global _WORKER  # one builder (and one GL context) per worker process
     from coherendream.data.render import configure_llvmpipe_threads
 
-    # the workers already use every core: llvmpipe's own rasteriser threads would only contend
+    # the workers already use every core: llvmpipe's own rasteriser threads, or torch's, would only contend
     configure_llvmpipe_threads(1)
+    threads_for_shards(config.num_workers)
     _WORKER = ChunkBuilder(config, pools)
 
 
@@ -516,23 +519,15 @@ def build_dataset(config: BuildConfig) -> BuildResult:
     state = out / ".build"
     # The inputs are checked before anything is written or removed: a command that fails here
     # leaves the output folder as it was.
+    overwrite = config.overwrite and config.shard_index == 0  # shard 0 clears; the others join its build
+    folder = OutputFolder(out, "data build", config.identity(), overwrite=overwrite)
     refs, manifest_rejected = plan_assets(config)
-    if config.overwrite and out.exists() and config.shard_index == 0:
+    if overwrite and folder.resuming:  # the same settings, started over
         for sub in (state, out / "data"):
             shutil.rmtree(sub, ignore_errors=True)
-    identity = config.identity()
-    ident_file = state / "config.json"
-    if ident_file.exists():
-        previous = json.loads(ident_file.read_text())
-        if previous != identity:
-            changed = sorted(k for k in set(previous) | set(identity) if previous.get(k) != identity.get(k))
-            raise ValueError(
-                f"{out} holds a build with different settings ({', '.join(changed)}); "
-                "resume with the same config, pick another output folder (-o), or pass --overwrite (overwrite: true in a config)"
-            )
-    else:
-        write_json(ident_file, identity)
+    folder.take()
 
+    threads_for_shards(config.num_shards)  # shards started by hand share this machine's cores
     splits = [assign_split(r, config.splits, config.seed) for r in refs]
     pools: dict[str, list[tuple[str, str]]] = {}
     for ref, split in zip(refs, splits):

@@ -17,6 +17,7 @@ import numpy as np
 from coherendream.data.build import load_built_dataset
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, write_json
+from coherendream.output_folder import OutputFolder
 
 
 def export_llava(dataset_dir: str | Path, output_dir: str | Path, split: str = "train") -> Path:
@@ -27,7 +28,7 @@ def export_llava(dataset_dir: str | Path, output_dir: str | Path, split: str = "
     if split not in dsd:
         raise ValueError(f"{dataset_dir}: no split {split!r} (have {sorted(dsd)})")
     ds = dsd[split].cast_column("images", dsd[split].features["images"]).with_format(None)
-    out = Path(output_dir)
+    out = OutputFolder(output_dir, "data export-llava", {"dataset": str(dataset_dir), "split": split}).take()
     (out / "images").mkdir(parents=True, exist_ok=True)
     records = []
     for row in ds:

@@ -19,7 +19,7 @@ import io
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 from coherendream.data.assets import AssetError, mesh_extensions
 
@@ -167,6 +167,19 @@ def read_manifest(path: str | Path, root: str | Path | None = None, path_pattern
     return refs, rejected
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice (json would keep the last silently)."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise _DuplicateKey(twice)
+    return dict(pairs)
+
+
 def read_table(path: str | Path, key_columns: tuple[str, ...] = ("uid", "id"), headerless: tuple[str, str] | None = None, hint: str = ""):
     """Rows of a CSV/TSV file with a header, or of a JSONL file, as ``(line number, dict)``.
 
@@ -191,9 +204,12 @@ def read_table(path: str | Path, key_columns: tuple[str, ...] = ("uid", "id"), h
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
             except json.JSONDecodeError as err:
                 yield i, {"_error": f"not valid JSON ({err.msg})"}
+                continue
+            except _DuplicateKey as err:
+                yield i, {"_error": f"the key {err.args[0]!r} appears more than once"}
                 continue
             yield i, row if isinstance(row, dict) else {"_error": "line is not a JSON object"}
         return
@@ -201,6 +217,9 @@ def read_table(path: str | Path, key_columns: tuple[str, ...] = ("uid", "id"), h
     if not lines:
         return
     header = [h.strip().lower() for h in lines[0]]
+    twice = sorted({h for h in header if h and header.count(h) > 1})
+    if twice:  # csv would keep the last one silently
+        raise ValueError(f"{path}: the header names the column(s) {', '.join(map(repr, twice))} more than once; keep one of each")
     if any(k in header for k in key_columns):
         for i, values in enumerate(lines[1:], start=2):
             if values:

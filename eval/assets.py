@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.cameras import OrbitSpec, camera_tensors, scorer_orbit
-from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, progress_field, resolution_field, shard_index_field
+from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, output_folder, overwrite_field, progress_field, resolution_field, shard_index_field
 from coherendream.io import errors_by_reason, write_bytes, write_json, write_jsonl
 
 
@@ -174,6 +174,7 @@ class AssetsEvalConfig:
     shard_index: int | None = shard_index_field()
     chunk_size: int = field(default=64, metadata={"help": "assets per kept chunk of work (resume and sharding unit)"})
     orbit: OrbitSpec | None = field(default=None, metadata={"cli": False, "help": "cameras for meshes and PLYs (default: the critic's own orbit)"})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -196,7 +197,7 @@ def evaluate_assets(critic: Any, config: AssetsEvalConfig) -> dict:
 
     manifest, root, resolution, out = config.manifest, config.root, config.resolution, config.output_dir
     check_manifest(manifest)  # before any rendering: a manifest no row of which can be used
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(config, "assets", getattr(critic, "source", None)).take()
     orbit = config.orbit or scorer_orbit(critic)  # the critic's own views: objects at the size it learned them
     rows = asset_rows(manifest, root=root)
 
@@ -227,7 +228,9 @@ def evaluate_assets(critic: Any, config: AssetsEvalConfig) -> dict:
     }
     write_json(out / "summary.json", summary)
     report = Report(f"Asset scores: {Path(manifest).name}")
-    report.add_text(f"{summary['scored']} of {summary['assets']} assets scored; {summary['errors']} could not be used (errors.jsonl).")
+    report.add_text(f"{summary['scored']} of {summary['assets']} assets scored; {summary['errors']} could not be used (errors.jsonl). "
+                    "prob_yes: the critic's probability that the views match the prompt; margin: its yes-minus-no logit "
+                    "(the log-odds, unbounded, better for ranking close assets).")  # fmt: skip
     report.add_table([{k: r[k] for k in ("id", "prompt", "prob_yes", "margin")} for r in scored])
     for r in sorted(scored, key=lambda r: -r["prob_yes"]):
         report.add_image((out / r["views_png"]).read_bytes(), caption=f"{r['id']}: {r['prompt']!r} -- P(yes) = {r['prob_yes']:.3f}")

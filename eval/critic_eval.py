@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from coherendream.eval.protocol import batch_size_field, check_common, output_field, progress_field
+from coherendream.eval.protocol import batch_size_field, check_common, output_field, output_folder, overwrite_field, progress_field
 from coherendream.io import write_json, write_jsonl
 
 
@@ -27,6 +27,7 @@ class CriticEvalConfig:
     threshold: float = field(default=0.5, metadata={"help": "P(yes) at or above which a row counts as a yes"})
     num_examples: int = field(default=8, metadata={"help": "largest mistakes shown in the report"})
     progress: bool = progress_field()
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -47,23 +48,38 @@ def evaluate_critic(critic: Any, config: CriticEvalConfig) -> dict:
 
     dataset_dir, split, out = config.dataset_dir, config.split, config.output_dir
     items = items_from_dataset(dataset_dir, split)  # a missing dataset or split is refused before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(config, "critic", getattr(critic, "source", None)).take()
     results = score_items(critic, items, batch_size=config.batch_size, progress=config.progress)
     scored, errors = split_results(results)
     write_jsonl(out / "errors.jsonl", errors)
     if not scored:
         raise ValueError(f"{dataset_dir} split {split!r}: no row could be scored ({len(errors)} errors, see {out / 'errors.jsonl'})")
     metrics = critic_report(scored, threshold=config.threshold)
-    metrics.update({"split": split, "dataset": str(dataset_dir), "scored": len(scored), "errors": len(errors)})
+    positives = [r["prob_yes"] >= config.threshold for r in scored if r["label"] == 1]
+    metrics.update({"split": split, "dataset": str(dataset_dir), "scored": len(scored), "errors": len(errors),
+                    "positives": {"n": len(positives), "accuracy": sum(positives) / len(positives) if positives else None}})  # fmt: skip
     write_results(scored, out / "scores", columns=["id", "pair_id", "negative_type", "label", "prob_yes", "margin", "prompt"])
     write_json(out / "metrics.json", metrics)
     _write_report(metrics, scored, dataset_dir, split, out / "report.html", config.num_examples)
     return metrics
 
 
+# What each figure of the table and the report means, in one sentence each.
+METRICS_EXPLAINED = (
+    "Accuracy: share of rows answered right, a row counting as yes when P(yes) is at or above the threshold "
+    "(on positives: the true caption accepted; on a negative type: the edited caption refused). "
+    "ROC-AUC: the chance that a random positive gets a higher P(yes) than a random negative (0.5 is chance, 1 perfect), "
+    "threshold-free. ECE (expected calibration error): the mean gap, over bins of P(yes), between the predicted P(yes) "
+    "and the share of those rows that are positives (0 means calibrated). Brier: the mean squared error of P(yes) "
+    "against the label. Pairwise accuracy: over pairs of the same views with the true caption and an edited one, the "
+    "share in which the true caption gets the higher P(yes), the ranking TCSD's gradient relies on."
+)
+
+
 def per_type_table(metrics: dict) -> list[dict]:
-    """One row per negative type (and the positives) for tables and the README."""
-    rows = []
+    """One row for the positives, then one per negative type, for tables and the README."""
+    pos = metrics.get("positives") or {}
+    rows = [{"negative type": "(positives)", "n": pos.get("n"), "accuracy": pos.get("accuracy"), "pairwise accuracy": None, "ROC-AUC vs positives": None}]
     for name, m in sorted(metrics["per_negative_type"].items()):
         rows.append({"negative type": name, "n": m["n"], "accuracy": m["accuracy"], "pairwise accuracy": m["pairwise_accuracy"], "ROC-AUC vs positives": m["roc_auc"]})
     return rows
@@ -75,12 +91,11 @@ def _write_report(metrics: dict, scored: list[dict], dataset_dir, split: str, pa
     overall = metrics["overall"]
     report = Report(f"Critic evaluation: {Path(str(dataset_dir)).name} / {split}")
     report.add_text(f"{metrics['scored']} rows scored ({metrics['n_pos']} positives, {metrics['n_neg']} negatives), {metrics['errors']} could not be scored; threshold {metrics['threshold']}.")
+    report.add_text(METRICS_EXPLAINED)
     report.add_heading("Overall")
     report.add_table([{k: overall[k] for k in ("accuracy", "roc_auc", "ece", "brier", "pairwise_accuracy", "n_pairs")}])
     report.add_heading("Per negative type")
-    positives = [r for r in scored if r["label"] == 1]
-    pos_acc = sum(r["prob_yes"] >= metrics["threshold"] for r in positives) / max(len(positives), 1)
-    report.add_table([{"negative type": "(positives)", "n": len(positives), "accuracy": pos_acc}, *per_type_table(metrics)])
+    report.add_table(per_type_table(metrics))
     report.add_image(reliability_diagram(overall["calibration"]), caption="Reliability of P(yes)")
     groups: dict[str, list[float]] = {}
     for r in scored:

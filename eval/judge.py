@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.cameras import OrbitSpec, scorer_orbit
-from coherendream.eval.protocol import batch_size_field, check_common, output_field, resolution_field
+from coherendream.eval.protocol import batch_size_field, check_common, output_field, output_folder, overwrite_field, resolution_field
 from coherendream.io import write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -157,6 +157,7 @@ class JudgeConfig:
     batch_size: int = batch_size_field()
     report_pairs: int = field(default=4, metadata={"help": "(prompt, pair) images shown in the HTML page"})
     orbit: OrbitSpec | None = field(default=None, metadata={"cli": False, "help": "cameras for PLYs (default: the scorer's own orbit)"})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -207,8 +208,7 @@ def judge_methods(config: JudgeConfig, scorer: Any) -> dict[str, Any]:
     judge = side_by_side_scorer(scorer) if config.mode == "side_by_side" else scorer
     v = int(scorer.config.num_views)
     cams = dataclasses.replace(config.orbit or scorer_orbit(scorer), random_views=0).cameras(config.resolution)
-    out = config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(config, "judge", getattr(scorer, "source", None)).take()
     t0 = time.perf_counter()
 
     errors: list[dict] = []

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from coherendream.eval.protocol import output_field
+from coherendream.eval.protocol import output_field, output_folder, overwrite_field
 from coherendream.io import atomic_open, atomic_path, write_json
 from coherendream.vocabulary import PALETTE, RELATIONS, SHAPES, Group, SceneCaption
 
@@ -52,6 +52,7 @@ class PriorEvalConfig:
     prompt_seed: int = field(default=310_000, metadata={"help": "seed of the procedural draw of the two-group prompts"})
     batch_size: int = field(default=100, metadata={"help": "images per sampling batch"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         for name in ("samples_per_prompt", "num_inference_steps", "batch_size"):
@@ -110,9 +111,9 @@ def evaluate_prior(config: PriorEvalConfig) -> dict[str, Any]:
     from coherendream.generation.pixel_prior import image_grid, load_prior_pipeline, sample_images
 
     t0 = time.perf_counter()
-    out = Path(config.output_dir)
+    folder = output_folder(config, "prior")  # before loading: a folder this run may not write is refused now
     pipe = load_prior_pipeline(config.prior, device=config.device)  # fails before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    out = folder.take()
     holdout, seen = _read_training_info(config.prior)
     judge = ImageJudge(resolution=32)
 

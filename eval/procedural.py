@@ -42,7 +42,7 @@ import numpy as np
 
 from coherendream.cameras import OrbitSpec
 from coherendream.eval.procedural_prompts import CATEGORIES, PromptSpec, read_prompt_set
-from coherendream.eval.protocol import num_shards_field, output_field, shard_index_field
+from coherendream.eval.protocol import num_shards_field, output_field, output_folder, overwrite_field, shard_index_field
 from coherendream.io import write_json, write_results
 from coherendream.shards import resolve_shard, run_jobs
 
@@ -76,6 +76,7 @@ class ProceduralEvalConfig:
     bootstrap: int = field(default=2000, metadata={"help": "bootstrap resamples for the confidence intervals"})
     num_shards: int | None = num_shards_field()
     shard_index: int | None = shard_index_field()
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         if not self.methods:
@@ -227,8 +228,16 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
     write_results(flat, out / "categories", formats=("csv",))
 
     report = Report("Procedural text-to-3D benchmark")
-    report.add_text(f"{len(specs)} prompts x {len(summary['methods'])} methods x {len(config.seeds)} seeds. Verdicts from renders "
-                    "judged against real renders of the procedural scenes; the critic's P(yes) beside them.")  # fmt: skip
+    steps = sorted({r.get("steps") for r in rows if r.get("steps") is not None})
+    report.add_text(f"{len(specs)} prompts x {len(summary['methods'])} methods x {len(config.seeds)} seeds "
+                    f"({', '.join(map(str, config.seeds))}), {'/'.join(map(str, steps)) or '?'} optimisation steps per generation. "
+                    "Verdicts from renders judged against real renders of the procedural scenes; the critic's P(yes) beside them.")  # fmt: skip
+    report.add_text("object_color: share of the prompt's objects drawn in their own colour (each in its part of the "
+                    "frame along the relation's axis). color_present: share of the prompt's colours seen anywhere. shape, "
+                    "count: single objects' shape and counted groups' count read right. placement: two-group scenes whose "
+                    "colours stand in the relation's order. swapped: two-group scenes with the two colours exchanged. "
+                    "critic_prob_yes: the critic's own P(yes) of the final views (not a ground truth). Intervals: 95% "
+                    "bootstrap over prompts; minus sds: the paired difference against SDS alone on the same prompts and seeds.")  # fmt: skip
     report.add_heading("Method x category")
     report.add_table([{k: v for k, v in r.items() if "CI" not in k or "minus" in k} for r in flat])
     report.add_heading("Per prompt (front, side, back, side views of each method, first seed)")
@@ -282,7 +291,7 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
         ])
         for m, s, seed in jobs
     }  # fmt: skip
-    out = Path(config.output_dir)
+    out = output_folder(config, "procedural").take()
     judge = None  # calibrated on real renders (seconds), only in a process that has a job to run
     parts: dict[str, Any] = {}  # loaded critics and priors, shared by this process's jobs
 

@@ -67,7 +67,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.cameras import Camera
-from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, resolution_field, shard_index_field
+from coherendream.eval.protocol import batch_size_field, check_common, num_shards_field, output_field, output_folder, overwrite_field, resolution_field, shard_index_field
 from coherendream.io import errors_by_reason, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
@@ -479,6 +479,7 @@ class T3BenchConfig:
     report_grids: int = field(default=4, metadata={"help": "prompts per set whose first view group the HTML page shows"})
     num_shards: int | None = num_shards_field()
     shard_index: int | None = shard_index_field()
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -530,8 +531,7 @@ def run_t3bench(config: T3BenchConfig, critic: Any, vqa_scorer: Any = None, gene
     from coherendream.eval.report import Report, image_grid_png, score_histogram
     from coherendream.io import write_results
 
-    out = config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config, "t3bench", getattr(critic, "source", None)).take()
     generated = None
     if generate_config is not None:
         generated = _generate_shard(sets, out, generate_config, generate_fn, config.num_shards, config.shard_index)

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from coherendream.cameras import OrbitSpec, scorer_orbit
-from coherendream.eval.protocol import batch_size_field, check_common, output_field, resolution_field
+from coherendream.eval.protocol import batch_size_field, check_common, output_field, output_folder, overwrite_field, resolution_field
 from coherendream.io import write_json, write_jsonl
 from coherendream.llm import OpenAIChat, TransformersChat, ask_until_valid, extract_json
 
@@ -436,7 +436,9 @@ def question_scorer(critic: Any) -> Any:
     """
     from coherendream.critic.model import Critic
 
-    return Critic(critic.model, critic.processor, dataclasses.replace(critic.config, question_template="{text}"))
+    scorer = Critic(critic.model, critic.processor, dataclasses.replace(critic.config, question_template="{text}"))
+    scorer.source = getattr(critic, "source", None)
+    return scorer
 
 
 def answer_questions(scorer: Any, items: Sequence[Mapping[str, Any]], batch_size: int = 8, threshold: float = 0.5) -> list[dict]:
@@ -516,7 +518,7 @@ class TifaConfig:
 
     prompt_file: Path = field(metadata={"help": "prompts, one a line", "argument": True})
     generations_dir: Path = field(metadata={"help": "existing generations: <dir>/<slug>/ or <dir>/<prompt file stem>/<slug>/ with gaussians.ply or views (an `eval t3bench` output folder works)", "flags": ("--generations",), "deprecated_flags": ("--outputs-dir",)})
-    output_dir: Path = output_field("questions.jsonl, answers.jsonl, scores.{json,csv}, summary.json, errors.jsonl")
+    output_dir: Path = output_field("questions.jsonl, answers.jsonl, scores.{json,csv}, summary.json, errors.jsonl, report.html")
     questions: str = field(default="rules", metadata={"help": "question generator: rules, openai (any OpenAI-compatible endpoint) or transformers"})
     llm_model: str | None = field(default=None, metadata={"help": "LLM for openai/transformers question generation"})
     base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. a local vLLM server"})
@@ -527,6 +529,7 @@ class TifaConfig:
     resolution: int = resolution_field()
     batch_size: int = batch_size_field()
     orbit: OrbitSpec | None = field(default=None, metadata={"cli": False, "help": "cameras for PLYs (default: the scorer's own orbit)"})
+    overwrite: bool = overwrite_field()
 
     def __post_init__(self) -> None:
         check_common(self)
@@ -576,8 +579,7 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
     generations_dir, threshold, resolution, batch_size = config.generations_dir, config.threshold, config.resolution, config.batch_size
     v = int(scorer.config.num_views)
     cams = dataclasses.replace(config.orbit or scorer_orbit(scorer), random_views=0).cameras(resolution)
-    out = config.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(config, "tifa", getattr(scorer, "source", None)).take()
     t0 = time.perf_counter()
     items, errors, qsets = [], [], []
     for prompt, slug in zip(prompts, prompt_slugs(prompts)):
@@ -610,4 +612,24 @@ def run_tifa(config: TifaConfig, scorer: Any, generator: Any = None) -> dict[str
                "question_sources": {s: sum(q["source"] == s for q in qsets) for s in ("rules", "llm", "fallback")},
                "seconds": round(time.perf_counter() - t0, 3)}
     write_json(out / "summary.json", summary)
+    _write_report(summary, scores, out / "report.html", config.prompt_file)
     return summary
+
+
+def _write_report(summary: dict, scores: dict, path: Path, prompt_file: Path) -> None:
+    from coherendream.eval.report import Report
+
+    report = Report(f"TIFA-style evaluation: {Path(prompt_file).name}")
+    report.add_text(
+        "Each prompt becomes yes/no questions about its objects, counts, colours and relations; the model answers each "
+        "on the generation's views (yes when P(yes) is at or above the threshold). TIFA: the mean over prompts of the "
+        "share of a prompt's questions answered as expected. Accuracy on expected-yes questions: facts the prompt states, "
+        "confirmed. Accuracy on expected-no questions: contrast facts (another colour, another count) that should be "
+        "denied; a model that says yes to everything scores 1 on the first and 0 on the second."
+    )  # fmt: skip
+    report.add_table([{k: summary[k] for k in ("prompts", "scored", "errors", "questions", "tifa", "accuracy_yes", "accuracy_no", "threshold")}])
+    report.add_heading("By question type")
+    report.add_table([{"type": t, **v} for t, v in scores["by_type"].items()])
+    report.add_heading("By prompt")
+    report.add_table(scores["prompts"], ["id", "prompt", "questions", "correct", "accuracy"])
+    report.write(path)

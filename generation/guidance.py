@@ -55,6 +55,9 @@ from typing import TYPE_CHECKING, Any, Literal, Sequence
 import torch
 import torch.nn.functional as F
 
+from coherendream.devices import cpu_dtype
+from coherendream.io import check_safetensors
+from coherendream.prompts import unreadable_text
 from coherendream.generation.camera_sampler import view_direction, view_prompt  # re-exported in __all__
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; diffusers/transformers load lazily.
@@ -139,9 +142,10 @@ class SDSConfig:
         grad_clip: Elementwise bound ``|grad| <= grad_clip`` on the latent gradient, a safety
             net against rare exploding predictions at high CFG; ``None`` disables clipping.
         half_precision: Load the networks in half precision (``half_dtype``): on CUDA either kind;
-            on a CPU only bf16 (fp16 matmuls there are slow or missing), which ran the embedded
-            prior's UNet 1.7x faster than float32 on an AVX512-BF16 CPU (docs/benchmarks.md).
-            The SDS gradient itself is always computed in float32.
+            on a CPU only bf16 and only where the CPU has bf16 units (AVX512-BF16, AMX, Arm BF16):
+            there it ran the embedded prior's UNet 1.7x faster than float32, while a CPU without
+            them emulates bf16 23x slower (docs/benchmarks.md), so it gets float32. fp16 is
+            float32 on any CPU. The SDS gradient itself is always computed in float32.
         half_dtype: ``"fp16"`` or ``"bf16"`` (bf16 has fp32's range: no VAE overflows).
         text_encoder_device: Where the text encoder runs; ``None`` = with the UNet. ``"cpu"``
             keeps a large encoder (IF's T5-XXL, 9.5 GB in fp16) off the GPU: each distinct prompt
@@ -204,14 +208,18 @@ class SDSConfig:
             frac = min(max((step - self.anneal_start_step) / span, 0.0), 1.0)
         return lo0 + frac * (lo1 - lo0), hi0 + frac * (hi1 - hi0)
 
+    def wanted_dtype(self) -> torch.dtype:
+        """The dtype the settings ask for (:meth:`torch_dtype` decides what a device gets)."""
+        if not self.half_precision:
+            return torch.float32
+        return torch.bfloat16 if self.half_dtype == "bf16" else torch.float16
+
     def torch_dtype(self, device: torch.device | str) -> torch.dtype:
-        """Weights dtype for ``device``: half when asked for (on a CPU: bf16 only), float32 otherwise."""
-        kind = torch.device(device).type
-        if self.half_precision and kind == "cuda":
-            return torch.bfloat16 if self.half_dtype == "bf16" else torch.float16
-        if self.half_precision and kind == "cpu" and self.half_dtype == "bf16":
-            return torch.bfloat16
-        return torch.float32
+        """Weights dtype for ``device``: on CUDA the asked-for one; on a CPU bf16 only where the CPU
+        has bf16 units (:func:`coherendream.devices.cpu_dtype`), float32 otherwise."""
+        if torch.device(device).type == "cpu":
+            return cpu_dtype(self.wanted_dtype())
+        return self.wanted_dtype()
 
 
 @dataclass
@@ -434,6 +442,7 @@ class SDSGuidance:
         text_device = torch.device(config.text_encoder_device) if config.text_encoder_device else device
         dtype = config.torch_dtype(device)
         path = config.pretrained_model_name_or_path
+        check_safetensors(path, "prior")
         hub = {"revision": config.revision, "local_files_only": config.local_files_only}
         index = read_model_index(path, **hub)
         text_class = (index.get("text_encoder") or [None, None])[1]
@@ -465,6 +474,13 @@ class SDSGuidance:
         return self.unet.dtype
 
     # ----- text -----------------------------------------------------------------------------
+
+    def unreadable_text(self, prompt: str) -> str | None:
+        """What of ``prompt`` the prior's text encoder cannot read (words outside its vocabulary,
+        tokens past the :meth:`_encode_prompt` length, which are cut off), as one sentence, or None."""
+        max_length = min(int(self.tokenizer.model_max_length), TEXT_MAX_LENGTH)
+        special = len(self.tokenizer("", add_special_tokens=True)["input_ids"])  # BOS/EOS take their places too
+        return unreadable_text(self.tokenizer, prompt, max_length - special, "the prior")
 
     @torch.no_grad()
     def _encode_prompt(self, prompt: str) -> torch.Tensor:

@@ -35,6 +35,7 @@ from diffusers import DiffusionPipeline
 from coherendream.vocabulary import caption_words
 from coherendream.generation.guidance import TEXT_MAX_LENGTH, classifier_free_guidance, has_vae, read_model_index
 from coherendream.grid import GridLayout, tile
+from coherendream.io import check_safetensors
 
 __all__ = [
     "EMBEDDED_PRIOR",
@@ -242,6 +243,7 @@ def load_prior_pipeline(path: str | Path | None = None, device: str | torch.devi
     from diffusers import DDIMScheduler
 
     path = str(path) if path is not None else str(default_prior_path())
+    check_safetensors(path, "prior")
     index = read_model_index(path, local_files_only=local_files_only)
     kwargs = {"use_safetensors": True, "local_files_only": local_files_only}
     if has_vae(index):

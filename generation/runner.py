@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import warnings
@@ -41,6 +42,7 @@ import torch
 
 from coherendream.cameras import OrbitSpec, camera_tensors, ring_azimuths, scorer_orbit
 from coherendream.config import dump_yaml, to_dict
+from coherendream.devices import compute_record, log_compute, resolve_device
 from coherendream.generation.camera_sampler import OrbitCameraSampler, sample_jittered_orbit
 from coherendream.generation.gaussians import GaussianModel
 from coherendream.generation.guidance import SDSConfig
@@ -49,6 +51,7 @@ from coherendream.generation.run_logger import REPORT_TO, RunLogger
 from coherendream.generation.tcsd import CriticTerm, StepGradients, TCSDConfig, reward_weighted_sds, tcsd_step
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
+from coherendream.output_folder import OutputFolder
 
 __all__ = [
     "LayoutSettings",
@@ -64,6 +67,8 @@ __all__ = [
     "build_planner",
     "score_model",
 ]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoints/last.pt"
 # Keys whose change does not alter the optimisation of steps already done: a run may be resumed
@@ -254,14 +259,6 @@ class GenerationResult:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available")
-    return torch.device(name)
-
-
 def build_planner(settings: LayoutSettings) -> Any:
     """The layout planner named by ``settings`` (anything with ``plan(prompt) -> LayoutResult``)."""
     from coherendream.generation.layout_rules import RuleBasedPlanner, WholePromptPlanner
@@ -397,9 +394,9 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-def _config_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    keys = (set(saved) | set(current)) - _RESUMABLE_CHANGES
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+def run_identity(config: GenerateConfig) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it resumes (``coherendream_run.json``)."""
+    return {k: v for k, v in to_dict(config).items() if k not in _RESUMABLE_CHANGES}
 
 
 # --------------------------------------------------------------------------------------------
@@ -465,11 +462,20 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     out = Path(config.output_dir)
     ckpt_path = out / CHECKPOINT_NAME
     metrics_path = out / "metrics.jsonl"
+    # before minutes of loading: a folder this run may not write is refused now
+    folder = OutputFolder(out, "generate", run_identity(config), overwrite=not config.resume, overwrite_flag="resume=false")
 
     # ---- 1. parts
     loaded = load_parts(config, prior=guidance is None, critic=critic is None and config.uses_critic)
     guidance = guidance if guidance is not None else loaded.get("guidance")
     critic = critic if critic is not None else loaded.get("critic")
+    prior_dtype = getattr(guidance, "dtype", torch.float32)
+    text_warnings = [note for part in (guidance, critic) if callable(getattr(part, "unreadable_text", None))
+                     for note in [part.unreadable_text(config.prompt)] if note]  # fmt: skip
+    for note in text_warnings:  # generated all the same, but that part's gradient ignores those words
+        logger.warning("%s: its term ignores what it cannot read", note)
+    if guidance is not None:
+        log_compute("prior", device, prior_dtype, config.prior.wanted_dtype())
     critic_config = getattr(critic, "config", None)  # None without a critic, or for a scorer without a CriticConfig
     critic_views = getattr(critic_config, "num_views", None)
     if critic_views is not None and critic_views != config.num_views:
@@ -482,17 +488,12 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
                       f"[{lo:g}, {hi:g}]: its gradient comes from views off its training distribution", stacklevel=2)
 
     # ---- 2. layout, Gaussians, optimiser (or the checkpoint's)
-    out.mkdir(parents=True, exist_ok=True)  # only now: a prior or critic that does not load leaves no folder
+    folder.take()  # only now: a prior or critic that does not load leaves no folder
     state = None
     if ckpt_path.is_file():
-        if config.resume:
+        if config.resume:  # the folder's record has these settings: the checkpoint is this run's
             state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-            diff = _config_mismatch(state["config"], to_dict(config))
-            if diff:
-                raise ValueError(
-                    f"{out} holds a checkpoint of a different run (settings differ: {', '.join(diff)}); "
-                    "use another output_dir or resume=false to start over"
-                )
+            logger.info("resuming from %s (step %d of %d)", ckpt_path, int(state["step"]), config.steps)
         else:
             ckpt_path.unlink()
     generator = torch.Generator().manual_seed(config.seed)  # CPU: same draws on every device
@@ -602,8 +603,9 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
         summary = {
             "prompt": config.prompt, "mode": config.mode, "steps": step, "skipped_steps": skipped,
             "prior": getattr(getattr(guidance, "config", None), "pretrained_model_name_or_path", None),
-            "final_critic": final_critic, "num_gaussians": model.num_gaussians, "device": str(device),
+            "final_critic": final_critic, "num_gaussians": model.num_gaussians, **compute_record(device, prior_dtype),
             "seconds_this_call": time.perf_counter() - t_start, "resumed_from": start if state is not None else None, "notes": notes,
+            "text_warnings": text_warnings,
         }  # fmt: skip
         write_json(out / "summary.json", summary)
         paths["summary"] = out / "summary.json"

@@ -127,13 +127,17 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_resume_removes_a_killed_writers_temp_files_of_its_own_chunks_only(tmp_path):
+    from coherendream.output_folder import OutputFolder
+
+    cfg = config(tmp_path, "t", num_shards=2, shard_index=0)
+    OutputFolder(tmp_path / "t", "data build", cfg.identity()).take()  # what the killed build claimed before its chunks
     chunks = tmp_path / "t" / ".build" / "chunks"
     chunks.mkdir(parents=True)
     mine = chunks / ".00000.parquet.k1ll3d.tmp"  # chunk 0 belongs to shard 0 of 2
     other = chunks / ".00001.parquet.wr1t1ng.tmp"  # chunk 1: shard 1 may be writing it right now
     for path in (mine, other):
         path.write_bytes(b"partial")
-    build_dataset(config(tmp_path, "t", num_shards=2, shard_index=0))
+    build_dataset(cfg)
     assert not mine.exists() and other.exists()
     assert (chunks / "00000.done.json").exists() and not (chunks / "00001.done.json").exists()
 

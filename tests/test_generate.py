@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_to_the_same_gaussians(tmp_path, critic_dir, cri
     a, b = read_jsonl(full.paths["metrics"]), read_jsonl(second.paths["metrics"])
     assert [r["margin"] for r in a] == [r["margin"] for r in b]
     # A different run in the same folder is refused, not silently mixed.
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(ValueError, match=r"other settings \(seed 3 -> 4\)"):
         generate(_config(tmp_path / "parts", critic_dir, *common, "seed=4"), critic=critic)
 
 

@@ -458,10 +458,29 @@ def test_sds_loss_is_half_squared_norm_per_sample():
     torch.testing.assert_close(latents.grad, grad / 3)
 
 
-def test_bf16_on_cpu_when_asked_and_the_gradient_stays_close(pixel_prior_dir):
-    assert SDSConfig().torch_dtype("cpu") == torch.float32  # fp16 is never used on a CPU
-    assert SDSConfig(half_dtype="bf16").torch_dtype("cpu") == torch.bfloat16
-    assert SDSConfig(half_dtype="bf16", half_precision=False).torch_dtype("cpu") == torch.float32
+def test_bf16_on_cpu_only_where_the_cpu_has_bf16_units(monkeypatch):
+    from coherendream.devices import BF16_ENV, cpu_has_fast_bf16
+
+    for forced, expected in (("1", torch.bfloat16), ("0", torch.float32)):
+        monkeypatch.setenv(BF16_ENV, forced)
+        cpu_has_fast_bf16.cache_clear()
+        assert SDSConfig(half_dtype="bf16").torch_dtype("cpu") == expected
+        assert SDSConfig().torch_dtype("cpu") == torch.float32  # fp16 is never used on a CPU
+        assert SDSConfig(half_dtype="bf16", half_precision=False).torch_dtype("cpu") == torch.float32
+        assert SDSConfig(half_dtype="bf16").wanted_dtype() == torch.bfloat16
+    monkeypatch.setenv(BF16_ENV, "yes")
+    cpu_has_fast_bf16.cache_clear()
+    with pytest.raises(ValueError, match=BF16_ENV):
+        cpu_has_fast_bf16()
+    monkeypatch.delenv(BF16_ENV)
+    cpu_has_fast_bf16.cache_clear()
+
+
+def test_bf16_on_cpu_when_asked_and_the_gradient_stays_close(pixel_prior_dir, monkeypatch):
+    from coherendream.devices import BF16_ENV, cpu_has_fast_bf16
+
+    monkeypatch.setenv(BF16_ENV, "1")  # bf16 forced, so that the comparison runs on any CPU
+    cpu_has_fast_bf16.cache_clear()
     full = SDSGuidance.from_pretrained(pixel_prior_dir, config=SDSConfig(local_files_only=True, grad_clip=None, guidance_scale=5.0), device="cpu")
     half = SDSGuidance.from_pretrained(pixel_prior_dir, config=SDSConfig(local_files_only=True, grad_clip=None, guidance_scale=5.0, half_dtype="bf16"), device="cpu")
     assert half.dtype == torch.bfloat16 and half.text_encoder.dtype == torch.bfloat16
@@ -470,3 +489,5 @@ def test_bf16_on_cpu_when_asked_and_the_gradient_stays_close(pixel_prior_dir):
     a, b = full(rgb, "a red cube", t=300, noise=noise), half(rgb, "a red cube", t=300, noise=noise)
     assert b.grad.dtype == torch.float32 and torch.isfinite(b.grad).all()
     assert (a.grad - b.grad).norm() < 0.05 * a.grad.norm()  # bf16 rounding, not a different gradient
+    monkeypatch.delenv(BF16_ENV)
+    cpu_has_fast_bf16.cache_clear()
