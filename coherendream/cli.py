@@ -567,8 +567,11 @@ def prior_sample(
 
     if num_images < 1 or steps < 1:
         _fail(f"--num-images and --steps must be >= 1, got {num_images} and {steps}")
-    if output.suffix.lower() != ".png":
-        _fail(f"--output {output}: give a .png file")
+    if output.suffix.lower() != ".png" or output.is_dir():
+        _fail(f"--output {output}: give a .png file" + (" (this is a folder)" if output.is_dir() else ""))
+    parent = next(p for p in [output.parent, *output.parent.parents] if p.exists())
+    if not os.access(parent, os.W_OK):  # before seconds of loading, not after
+        _fail(f"--output {output}: cannot write in {parent}")
     if model is not None:
         warn_deprecated("--model", "--prior")
         prior = prior or model

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from coherendream.critic.tiny import build_tiny_critic
 from coherendream.demo import DemoConfig, run_demo
 
@@ -22,6 +24,10 @@ def test_demo_smallest_settings(tmp_path):
     for part in ("The critic on fresh procedural scenes", "with and without the critic", "Reliability", "data:image/png;base64", "sds: colour", "tcsd: colour"):
         assert part in html
     assert json.loads((tmp_path / "demo" / "summary.json").read_text())["methods"] == ["sds", "tcsd"]
+    assert "3 optimisation steps per generation" in html and "What produced this report" in html
+    # A demo with other steps into the same folder is refused, not answered with these generations.
+    with pytest.raises(ValueError, match="other settings.*steps 3 -> 4"):
+        run_demo(DemoConfig(output_dir=str(tmp_path / "demo"), critic=str(critic), eval_scenes=8, steps=4, num_workers=1, overrides=["num_gaussians=256"]))
 
 
 def test_demo_refuses_empty_settings_by_their_flags(tmp_path):

@@ -253,4 +253,6 @@ def test_commands_speak_in_flags_and_keep_old_spellings(tmp_path):
 def test_help_wraps_docstring_paragraphs_to_the_terminal():
     # typer keeps a docstring's line breaks after its first paragraph; the help joins them
     res = CliRunner().invoke(app, ["eval", "t3bench", "--help"], env={"COLUMNS": "400", "TERM": "dumb"})
-    assert res.exit_code == 0 and "(or started by torchrun or a SLURM array) share the generations" in res.output
+    assert res.exit_code == 0 and "(or started by torchrun or a SLURM array) share the generations" in " ".join(res.output.split())
+    # one paragraph is one block of lines, rewrapped to the terminal: no line break where the source has one
+    assert "--num-shards/--shard-index (or" in " ".join(res.output.split()) and "\n\n  SLURM array" not in res.output

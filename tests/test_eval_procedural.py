@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -50,6 +51,11 @@ def test_a_small_run_generates_judges_and_merges(tmp_path, two_prompts):
     # A second call finds every job done and runs nothing.
     again = run_procedural_eval(cfg)
     assert again["done"] == 0 and again["skipped"] == 4 and again["merged"]
+    # Other steps are another run: refused, never answered with these results.
+    with pytest.raises(ValueError, match=r"other settings \(overrides"):
+        run_procedural_eval(dataclasses.replace(cfg, overrides=[*FAST, "steps=3"]))
+    page = (tmp_path / "one" / "report.html").read_text()
+    assert "What produced this report" in page and "coherendream eval procedural" in page and "2 optimisation steps" in page
 
 
 def test_two_processes_give_the_results_of_one(tmp_path, two_prompts):
