@@ -1,6 +1,6 @@
 """`generate` on CPU with the embedded prior and critic: step time by CPU kind and prior precision.
 
-    python benchmarks/generate_cpu.py [--steps 30] [--threads 2] [--demo]
+    python benchmarks/generate_cpu.py [--steps 30] [--threads 2] [--repeats 1] [--demo]
 
 Runs configs/generate/cpu_tiny.yaml (SDS from the embedded prior + the critic term, 32 px, 4 views,
 2048 Gaussians, grey start) once per setting, each in a fresh process, and prints a markdown table
@@ -55,22 +55,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all settings (interleaved); the table takes each setting's best round")
     parser.add_argument("--demo", action="store_true", help="also time `coherendream demo` on both CPU kinds")
     args = parser.parse_args()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rows = []
+    runs: dict[tuple[str, str], list[dict]] = {(k, p): [] for k in KINDS for p in PRECISIONS}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind_name, kind in KINDS.items():
-            for prec_name, forced in PRECISIONS.items():
-                overrides = [f"output_dir={tmp}/{len(rows)}", f"steps={args.steps}", f"prior.anneal_end_step={args.steps}", "init.colors=gray",
-                             "progress=false", "outputs.turntable_frames=0", "outputs.mp4=false", "checkpoint_every=100000"]  # fmt: skip
+        for r in range(args.repeats):  # interleaved, so that load from other work hits every setting alike
+            for (kind_name, prec_name), done in runs.items():
+                overrides = [f"output_dir={tmp}/{len(done)}-{r}-{kind_name[:4]}-{prec_name[:4]}", f"steps={args.steps}", f"prior.anneal_end_step={args.steps}",
+                             "init.colors=gray", "progress=false", "outputs.turntable_frames=0", "outputs.mp4=false", "checkpoint_every=100000"]  # fmt: skip
                 t0 = time.perf_counter()
-                out = subprocess.run([sys.executable, "-c", _CHILD, str(args.threads), *overrides], cwd=root, env=_env(kind, forced),
-                                     check=True, capture_output=True, text=True)  # fmt: skip
+                out = subprocess.run([sys.executable, "-c", _CHILD, str(args.threads), *overrides], cwd=root,
+                                     env=_env(KINDS[kind_name], PRECISIONS[prec_name]), check=True, capture_output=True, text=True)  # fmt: skip
                 wall = time.perf_counter() - t0
                 result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
-                rows.append({"kind": kind_name, "precision": prec_name, "dtype": result["dtype"], "step": statistics.median(result["steps"][1:]), "wall": wall})
-                print(rows[-1], file=sys.stderr)
+                done.append({"dtype": result["dtype"], "step": statistics.median(result["steps"][1:]), "wall": wall})
+                print(kind_name, prec_name, done[-1], file=sys.stderr)
+        rows = [{"kind": k, "precision": p, **min(done, key=lambda d: d["step"])} for (k, p), done in runs.items()]
         demos = {}
         if args.demo:
             for kind_name, kind in KINDS.items():
@@ -80,7 +82,7 @@ def main() -> None:
                 demos[kind_name] = time.perf_counter() - t0
                 print(kind_name, demos[kind_name], file=sys.stderr)
     print(f"{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} torch threads; "
-          f"{args.steps} steps per run")  # fmt: skip
+          f"{args.steps} steps per run, best of {args.repeats}")  # fmt: skip
     print("| CPU | prior precision | runs in | median step, s | vs the toolkit's choice | run wall, s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
