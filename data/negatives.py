@@ -6,6 +6,10 @@ Types (the ``negative_type`` column):
 * ``color``, ``object``, ``count``, ``relation``: one fact of the caption changed (a colour word,
   the object noun -- the shape for procedural scenes --, a number, a relation phrase).
 * ``relation_swap``: the two objects of a relation exchanged ("A left of B" -> "B left of A").
+* ``color_swap``, ``shape_swap``: binding negatives, the two groups' colours (or shapes) exchanged
+  while everything else stays ("a red cube left of a blue sphere" -> "a blue cube left of a red
+  sphere"): every word of the caption is still in the scene, only which attribute belongs to which
+  object is wrong, the failure text-to-image priors make (SugarCrepe's swap-attribute negatives).
 * ``multiview_mix``: the true caption, but half the views come from another asset (built in
   ``coherendream.data.build`` where the views are at hand).
 
@@ -26,7 +30,7 @@ import numpy as np
 from coherendream.data.procedural import Scene, caption_holds
 from coherendream.vocabulary import RELATIONS, SceneCaption
 
-NEGATIVE_TYPES = ("caption_swap", "color", "object", "count", "relation", "relation_swap", "multiview_mix")
+NEGATIVE_TYPES = ("caption_swap", "color", "object", "count", "relation", "relation_swap", "color_swap", "shape_swap", "multiview_mix")
 
 
 @dataclass
@@ -46,6 +50,8 @@ class NegativeConfig:
             "count": 1.0,
             "relation": 1.0,
             "relation_swap": 1.0,
+            "color_swap": 1.0,
+            "shape_swap": 0.5,
             "multiview_mix": 0.5,
         }
     )
@@ -99,6 +105,12 @@ def procedural_negative(scene: Scene, kind: str, rng: np.random.Generator, color
                 candidates.append((replace(cap, relation=r), {"from": cap.relation, "to": r}))
     elif kind == "relation_swap" and cap.relation is not None and cap.relation != "next_to":
         candidates.append((SceneCaption(cap.groups[::-1], cap.relation), {"swapped": [cap.groups[0].phrase(), cap.groups[1].phrase()]}))
+    elif kind in ("color_swap", "shape_swap") and len(cap.groups) == 2:
+        attr = "color" if kind == "color_swap" else "shape"
+        a, b = (getattr(g, attr) for g in cap.groups)
+        if a != b:
+            swapped = SceneCaption((replace(cap.groups[0], **{attr: b}), replace(cap.groups[1], **{attr: a})), cap.relation)
+            candidates.append((swapped, {"swapped": [a, b]}))
     if not candidates:
         return None
     for i in rng.permutation(len(candidates)):
@@ -226,6 +238,8 @@ def text_negative(caption: str, kind: str, rng: np.random.Generator) -> Negative
             edits.append((m.start(), m.end(), m.group(), _match_case(m.group(), _RELATION_REPLACEMENTS[m.group().lower()])))
     elif kind == "relation_swap":
         return _relation_swap(caption)
+    elif kind in ("color_swap", "shape_swap"):
+        return _attribute_swap(caption, kind)
     else:
         raise ValueError(f"no rule-based negative of type {kind!r}")
     if not edits:
@@ -233,6 +247,39 @@ def text_negative(caption: str, kind: str, rng: np.random.Generator) -> Negative
     start, end, old, new = edits[int(rng.integers(len(edits)))]
     text = _article_before(caption[:start], new) + new + caption[end:]
     return Negative(kind, text, {"span": [start, end], "from": old, "to": new})
+
+
+def _attribute_swap(caption: str, kind: str) -> Negative | None:
+    """The first two colour words of different families (``color_swap``) or the first two object
+    nouns of the word lists (``shape_swap``) exchanged: "a red cube and a blue ball" -> "a blue cube
+    and a red ball" / "a red ball and a blue cube". None with fewer than two."""
+    found: list[re.Match] = []
+    for m in _WORD_RE.finditer(caption):
+        word = m.group().lower()
+        if kind == "color_swap":
+            family = COLOR_FAMILY.get(word)
+            if family is not None and all(COLOR_FAMILY[f.group().lower()] != family for f in found):
+                found.append(m)
+        elif word not in COLOR_FAMILY and NOUN_CATEGORY.get(PLURAL_TO_SINGULAR.get(word, word)) is not None:
+            if all(PLURAL_TO_SINGULAR.get(f.group().lower(), f.group().lower()) != PLURAL_TO_SINGULAR.get(word, word) for f in found):
+                found.append(m)
+        if len(found) == 2:
+            break
+    if len(found) < 2:
+        return None
+    first, second = found
+
+    def as_at(word: str, slot: re.Match) -> str:  # the other word, in this slot's number and case
+        if kind == "shape_swap":
+            singular = PLURAL_TO_SINGULAR.get(word.lower(), word.lower())
+            word = plural(singular) if slot.group().lower() != PLURAL_TO_SINGULAR.get(slot.group().lower(), slot.group().lower()) else singular
+        return _match_case(slot.group(), word.lower())
+
+    a, b = as_at(second.group(), first), as_at(first.group(), second)
+    head = caption[: first.start()]
+    text = _article_before(head, a) + a + caption[first.end() : second.start()]
+    text = _article_before(text, b) + b + caption[second.end() :]
+    return Negative(kind, text, {"swapped": [first.group(), second.group()]})
 
 
 def _relation_swap(caption: str) -> Negative | None:

@@ -129,3 +129,32 @@ def test_presence_questions_are_true_of_the_scene_and_balanced():
         presence_questions([], 2, rng)
     with pytest.raises(ValueError, match="teal"):
         presence_questions([("teal", "cube")], 2, rng)
+
+
+@pytest.mark.parametrize("kind, attr", [("color_swap", "color"), ("shape_swap", "shape")])
+def test_binding_negatives_exchange_one_attribute_of_the_two_groups(kind, attr):
+    rng = np.random.default_rng(0)
+    made = 0
+    for scene in SCENES:
+        neg = procedural_negative(scene, kind, rng, list(PALETTE), list(SHAPES))
+        groups = scene.caption.groups
+        if neg is None:  # one group, or both groups alike in that attribute
+            assert len(groups) == 1 or getattr(groups[0], attr) == getattr(groups[1], attr) or scene.caption.relation == "next_to"
+            continue
+        made += 1
+        parsed = parse_caption(neg.text)
+        assert not caption_holds(scene, parsed), (scene.text, neg.text)
+        # the same relation, counts and other attribute: only which group has which `attr` changed
+        other = "shape" if attr == "color" else "color"
+        assert parsed.relation == scene.caption.relation and [g.count for g in parsed.groups] == [g.count for g in groups]
+        assert [getattr(g, other) for g in parsed.groups] == [getattr(g, other) for g in groups]
+        assert [getattr(g, attr) for g in parsed.groups] == [getattr(g, attr) for g in groups][::-1]
+    assert made > 20
+
+
+def test_text_binding_negatives():
+    rng = np.random.default_rng(0)
+    assert text_negative("a red cube and a blue ball", "color_swap", rng).text == "a blue cube and a red ball"
+    assert text_negative("an orange cat next to a red car", "color_swap", rng).text == "a red cat next to an orange car"
+    assert text_negative("a red cube and a blue ball", "shape_swap", rng).text == "a red ball and a blue cube"
+    assert text_negative("a red car", "color_swap", rng) is None  # one colour: nothing to swap
