@@ -23,6 +23,7 @@ from coherendream.eval.critic_eval import CriticEvalConfig
 from coherendream.eval.judge import JudgeConfig
 from coherendream.eval.prior_eval import PriorEvalConfig
 from coherendream.eval.procedural import DEFAULT_METHODS, ProceduralEvalConfig
+from coherendream.eval.steering import SteeringEvalConfig
 from coherendream.eval.t3bench import T3BenchConfig
 from coherendream.eval.tifa import TifaConfig
 from coherendream.shards import NUM_SHARDS_HELP, SHARD_INDEX_HELP
@@ -547,6 +548,25 @@ def eval_judge(config: JudgeConfig, critic: CriticOption = None, adapter: Adapte
     _summary_line(summary, config.output_dir)
     if summary.get("note"):
         typer.echo(f"note: {summary['note']}")
+
+
+@eval_app.command("steering")
+@options_from(SteeringEvalConfig, _fail)
+def eval_steering(config: SteeringEvalConfig, critic: CriticOption = None, adapter: AdapterOption = None, dtype: DtypeOption = None,
+                  device: DeviceOption = None) -> None:  # fmt: skip
+    """Whether a critic's gradient steers: wrong colours on two-group scenes, optimised by the critic alone, judged by the ground truth."""
+    from coherendream.eval.steering import run_steering_eval
+
+    _check_output(config, "steering", _critic_source(critic, adapter))
+    try:
+        summary = run_steering_eval(_load_critic(critic, adapter, dtype, device), config)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(str(err))
+    for row in summary["table"]:
+        typer.echo(f"{row['start']:>8} start, {row['scenes']} scenes: own colour {row['own colour before']:.2f} -> {row['own colour after']:.2f}, "
+                   f"swapped {row['swapped before']:.2f} -> {row['swapped after']:.2f}, P(yes) {row['P(yes) before']:.2f} -> "
+                   f"{row['P(yes) after']:.2f}, hacked {row['hacked']:.2f}")  # fmt: skip
+    typer.echo(f"{summary['seconds']:.0f} s; report: {Path(config.output_dir).resolve() / 'report.html'}")
 
 
 @prior_app.command("sample")

@@ -39,6 +39,37 @@ def nearest_palette_color(rgb: np.ndarray) -> str:
 CENTROID_RELATIONS = frozenset({"left_of", "right_of", "in_front_of", "behind", "on_top_of", "above", "below", "next_to"})
 
 
+def object_colors(model: Any, num_objects: int, resolution: int = 96, orbit: OrbitSpec | None = None) -> list[dict]:
+    """Each object's Gaussians (``model.object_ids == k``) rendered alone from ``orbit`` over black:
+    ``sum(rgb) / sum(alpha)`` is their mean visible colour, named by the nearest palette colour.
+
+    Returns, per object ``k < num_objects``: ``{"gaussians", "centroid" (opacity-weighted, or None),
+    "mean_rgb" (or None when nothing is visible), "color" (palette name or None)}``.
+    """
+    from coherendream.generation.rasterize import rasterize_gaussians
+
+    orbit = orbit or OrbitSpec()
+    cams = orbit.cameras(resolution, rng=np.random.default_rng(0))
+    viewmats, Ks = camera_tensors(cams)
+    out = []
+    with torch.no_grad():
+        inputs = model.render_inputs()
+        for k in range(num_objects):
+            mask = model.object_ids == k
+            if not bool(mask.any()):
+                out.append({"gaussians": 0, "centroid": None, "mean_rgb": None, "color": None})
+                continue
+            opac = inputs["opacities"] * mask.to(inputs["opacities"].dtype)
+            w = opac / opac.sum().clamp_min(1e-12)
+            centre = (inputs["means"] * w[:, None]).sum(0).double().numpy()
+            ras = rasterize_gaussians(**{**inputs, "opacities": opac}, viewmats=viewmats, Ks=Ks, width=resolution, height=resolution)
+            alpha = ras.alpha.sum().item()
+            color = (ras.rgb.sum(dim=(0, 1, 2)) / max(alpha, 1e-9)).clamp(0, 1).double().numpy() if alpha > 1e-6 else None
+            out.append({"gaussians": int(mask.sum()), "centroid": centre, "mean_rgb": None if color is None else [round(float(c), 3) for c in color],
+                        "color": nearest_palette_color(color) if color is not None else None})  # fmt: skip
+    return out
+
+
 def check_generation(model: Any, layout: Any, resolution: int = 96, orbit: OrbitSpec | None = None) -> dict:
     """Colours and relations of a generated scene against its layout's object prompts.
 
@@ -51,32 +82,17 @@ def check_generation(model: Any, layout: Any, resolution: int = 96, orbit: Orbit
         gaussians}], "relations": [{subject, relation, object, ok}], "color_accuracy",
         "relation_accuracy", "passed"}``; accuracies are None where nothing could be checked.
     """
-    from coherendream.generation.rasterize import rasterize_gaussians
-
-    orbit = orbit or OrbitSpec()
-    cams = orbit.cameras(resolution, rng=np.random.default_rng(0))
-    viewmats, Ks = camera_tensors(cams)
-    ids = model.object_ids
     objects, centroids = [], {}
-    with torch.no_grad():
-        inputs = model.render_inputs()
-        for k, obj in enumerate(layout.objects):
-            mask = ids == k
-            expected = first_color_word(obj.prompt)
-            entry = {"index": k, "prompt": obj.prompt, "expected_color": expected, "gaussians": int(mask.sum())}
-            if not bool(mask.any()):
-                objects.append({**entry, "rendered_color": None, "color_ok": False, "centroid": None})
-                continue
-            opac = inputs["opacities"] * mask.to(inputs["opacities"].dtype)
-            w = opac / opac.sum().clamp_min(1e-12)
-            centre = (inputs["means"] * w[:, None]).sum(0).double().numpy()
-            centroids[k] = centre
-            out = rasterize_gaussians(**{**inputs, "opacities": opac}, viewmats=viewmats, Ks=Ks, width=resolution, height=resolution)
-            alpha = out.alpha.sum().item()
-            color = (out.rgb.sum(dim=(0, 1, 2)) / max(alpha, 1e-9)).clamp(0, 1).double().numpy() if alpha > 1e-6 else None
-            rendered = nearest_palette_color(color) if color is not None else None
-            objects.append({**entry, "rendered_color": rendered, "color_ok": expected is not None and rendered == expected,
-                            "centroid": [round(float(c), 4) for c in centre], "mean_rgb": None if color is None else [round(float(c), 3) for c in color]})
+    for k, (obj, seen) in enumerate(zip(layout.objects, object_colors(model, len(layout.objects), resolution, orbit))):
+        expected = first_color_word(obj.prompt)
+        entry = {"index": k, "prompt": obj.prompt, "expected_color": expected, "gaussians": seen["gaussians"]}
+        if seen["centroid"] is None:
+            objects.append({**entry, "rendered_color": None, "color_ok": False, "centroid": None})
+            continue
+        centroids[k] = seen["centroid"]
+        rendered = seen["color"]
+        objects.append({**entry, "rendered_color": rendered, "color_ok": expected is not None and rendered == expected,
+                        "centroid": [round(float(c), 4) for c in seen["centroid"]], "mean_rgb": seen["mean_rgb"]})  # fmt: skip
     relations = []
     for rel in layout.relations:
         a, b = centroids.get(rel.subject), centroids.get(rel.object)

@@ -221,7 +221,7 @@ def test_eval_assets_refuses_a_manifest_it_cannot_use_before_writing(tmp_path, n
     ("critic", "coherendream.eval.critic_eval:CriticEvalConfig"), ("assets", "coherendream.eval.assets:AssetsEvalConfig"),
     ("t3bench", "coherendream.eval.t3bench:T3BenchConfig"), ("tifa", "coherendream.eval.tifa:TifaConfig"),
     ("judge", "coherendream.eval.judge:JudgeConfig"), ("prior", "coherendream.eval.prior_eval:PriorEvalConfig"),
-    ("procedural", "coherendream.eval.procedural:ProceduralEvalConfig"),
+    ("procedural", "coherendream.eval.procedural:ProceduralEvalConfig"), ("steering", "coherendream.eval.steering:SteeringEvalConfig"),
 ])  # fmt: skip
 def test_eval_commands_take_their_options_from_the_protocol_config(command, config_cls):
     import dataclasses
