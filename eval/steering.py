@@ -168,7 +168,7 @@ def steer_scene(critic: Any, scene: Any, start: str, config: SteeringEvalConfig,
         "own_before": before["own"], "own_after": after["own"], "all_own_after": after["all_own"],
         "swapped_before": before["swapped"], "swapped_after": after["swapped"],
         "prob_yes_before": before["prob_yes"], "prob_yes_after": after["prob_yes"], "hacked": hacked,
-        "mean_color_change": float((model.rgb - rgb.to(device)).abs().mean()), "seconds": round(time.perf_counter() - t0, 2),
+        "mean_color_change": float((model.rgb.detach() - rgb.to(device)).abs().mean()), "seconds": round(time.perf_counter() - t0, 2),
         "_views": (before["views"], after["views"]),
     }  # fmt: skip
 
