@@ -486,3 +486,60 @@ def test_bad_training_settings_are_refused_before_the_model_loads(tmp_path, data
                                    "--model", str(tmp_path / "none"), "--dataset", str(dataset), "-o", str(tmp_path / "out"), override])  # fmt: skip
     assert res.exit_code == 2 and why in res.output and "Traceback" not in res.output, res.output
     assert not (tmp_path / "out").exists()
+
+
+def test_guidance_options_change_the_views_and_the_loss_they_should(tiny, dataset, tmp_path):
+    """Adversarial views raise the batch's loss within their budget; noised and blurred views change
+    the pixels and so the loss; a share of 0 changes nothing."""
+    from coherendream.config import ConfigError
+    from coherendream.critic.train import GuidanceTraining, make_trainer, perturb_pixels
+
+    trainer = make_trainer(train_config(tiny, dataset, tmp_path / "g"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model
+    model.train()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in trainer.pixel_stats)
+
+    def pixels(inputs):  # back to [0, 1]
+        return inputs["pixel_values"] * std + mean
+
+    def loss(inputs):
+        with torch.no_grad():
+            return float(model(**inputs).loss)
+
+    clean = loss(batch)
+    same = perturb_pixels(model, batch, GuidanceTraining(), trainer.pixel_stats)
+    assert torch.allclose(same["pixel_values"], batch["pixel_values"], atol=1e-5)
+    for norm, eps in (("l2", 0.5), ("linf", 4 / 255)):
+        attacked = perturb_pixels(model, batch, GuidanceTraining(adversarial_share=1.0, adversarial_norm=norm, adversarial_eps=eps,
+                                                                 adversarial_steps=3), trainer.pixel_stats)  # fmt: skip
+        delta = (pixels(attacked) - pixels(batch)).flatten(1)
+        size = delta.norm(dim=1) if norm == "l2" else delta.abs().max(dim=1).values
+        assert float(size.max()) <= eps * 1.001 and float(size.min()) > 0  # inside the ball, not at its centre
+        assert loss(attacked) > clean + 1e-4, norm  # gradient ascent on the loss
+        assert torch.equal(attacked["input_ids"], batch["input_ids"]) and torch.equal(attacked["labels"], batch["labels"])
+    g = torch.Generator().manual_seed(0)
+    noised = perturb_pixels(model, batch, GuidanceTraining(noise_share=1.0, noise_std=0.1), trainer.pixel_stats, generator=g)
+    assert 0.02 < float((pixels(noised) - pixels(batch)).abs().mean()) < 0.1 and loss(noised) != clean
+    blurred = perturb_pixels(model, batch, GuidanceTraining(blur_share=1.0, blur_sigma=1.0), trainer.pixel_stats)
+    # a blur keeps each image's mean and lowers its high frequencies
+    assert torch.allclose(pixels(blurred).mean(dim=(2, 3)), pixels(batch).mean(dim=(2, 3)), atol=0.02)
+    assert pixels(blurred).diff(dim=3).abs().mean() < pixels(batch).diff(dim=3).abs().mean()
+    with pytest.raises(ConfigError, match="guidance.noise_share"):
+        make_trainer(from_dict(CriticTrainConfig, {**_as_dict(train_config(tiny, dataset, tmp_path / "x")), "guidance": {"noise_share": 2.0}}))
+
+
+def _as_dict(config: CriticTrainConfig) -> dict:
+    from coherendream.config import to_dict
+
+    return to_dict(config)
+
+
+def test_guidance_training_runs_and_learns(tiny, dataset, tmp_path):
+    """A short run with adversarial and noised views trains (its loss falls) through `critic train`."""
+    out = tmp_path / "guided"
+    cfg = from_dict(CriticTrainConfig, {**_as_dict(train_config(tiny, dataset, out, max_steps=16, save_steps=16)),
+                                        "guidance": {"adversarial_share": 0.5, "adversarial_steps": 2, "noise_share": 0.5, "blur_share": 0.25}})  # fmt: skip
+    train_critic(cfg)
+    history = losses(out)
+    assert np.mean(history[-4:]) < np.mean(history[:4])
