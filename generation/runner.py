@@ -48,7 +48,7 @@ from coherendream.generation.gaussians import GaussianModel
 from coherendream.generation.guidance import SDSConfig
 from coherendream.generation.layout import colors_from_prompts, sample_points_in_layout, validate_layout
 from coherendream.generation.run_logger import REPORT_TO, RunLogger
-from coherendream.generation.tcsd import CriticTerm, StepGradients, TCSDConfig, reward_weighted_sds, tcsd_step
+from coherendream.generation.tcsd import CriticTerm, ObjectCriticTerm, StepGradients, TCSDConfig, object_groups, reward_weighted_sds, tcsd_step
 from coherendream.grid import GridLayout, tile
 from coherendream.io import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 from coherendream.output_folder import OutputFolder
@@ -534,6 +534,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     background = torch.tensor(config.cameras.background, dtype=torch.float32, device=device)
     critic_term = CriticTerm(critic, config.tcsd.critic) if config.mode == "tcsd" else None
     tc = config.tcsd.critic
+    object_term = ObjectCriticTerm(critic, tc, object_groups(layout)) if critic_term is not None and tc.per_object_weight > 0 else None
     # The steps where the critic judges the step's views (every step of reward-weighted SDS) are
     # seen from the critic's own orbit when tcsd.critic.views is "orbit".
     critic_views_from_orbit = tc.views == "orbit" and (critic_term is not None or config.mode == "reward_weighted")
@@ -562,12 +563,18 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
 
             optimizer.zero_grad(set_to_none=True)
             status = "ok"
-            if g.grad is None:
+            per_object = {}
+            if object_term is not None and critic_term.active(step):
+                # its own renders (each group framed alone), its gradient straight into the Gaussians
+                per_object = object_term.backward(model, cams.viewmats, cams.Ks, config.resolution, background,
+                                                  g.grad_norm_sds if guidance is not None else None, config.backend)  # fmt: skip
+            if g.grad is None and not per_object:
                 status = "idle"  # no term active this step (critic-only run between critic steps)
-            elif not _finite(g):
+            elif g.grad is not None and not _finite(g):
                 status = "skipped: non-finite loss or image gradient"
             else:
-                rgb.backward(g.grad)  # one VJP through the rasteriser for all terms
+                if g.grad is not None:
+                    rgb.backward(g.grad)  # one VJP through the rasteriser for all scene terms
                 if not all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None):
                     status = "skipped: non-finite parameter gradient"
                 else:
@@ -575,7 +582,7 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
             if status.startswith("skipped"):
                 skipped.append(step)
                 optimizer.zero_grad(set_to_none=True)  # nothing of the bad step survives
-            record = {"step": step, "status": status, **g.log_record(), "azimuth": float(cams.azimuths[0]), "elevation": float(cams.elevations[0]),
+            record = {"step": step, "status": status, **g.log_record(), **per_object, "azimuth": float(cams.azimuths[0]), "elevation": float(cams.elevations[0]),
                       "seconds": time.perf_counter() - t0}  # fmt: skip
             log.write(json.dumps(record) + "\n")
             log.flush()

@@ -280,3 +280,13 @@ def test_load_parts_loads_each_prior_and_critic_once_per_cache(tmp_path, critic_
     load_parts(cfg)  # no cache: loaded anew
     assert sorted(loads) == ["critic", "critic", "prior", "prior"]
     assert "critic" not in load_parts(cfg, critic=False, cache=cache) and "guidance" not in load_parts(cfg, prior=False, cache=cache)
+
+
+def test_per_object_term_in_a_run(tmp_path, critic_dir, critic):
+    """The per-object term beside the scene term, and instead of it: each step logs its lambda and
+    P(yes), and without the scene term the Gaussians still move (the per-object gradient alone)."""
+    for name, extra in (("beside", []), ("instead", ["tcsd.critic.scene_term=false"])):
+        result = generate(_config(tmp_path / name, critic_dir, "steps=3", "prior=none", "tcsd.critic.per_object_weight=1.0", *extra), critic=critic)
+        records = read_jsonl(result.paths["metrics"])
+        assert all(r["status"] == "ok" and r["lam_object"] > 0 and 0 < r["prob_yes_object"] < 1 for r in records), records
+        assert all((r["margin"] is None) == (name == "instead") for r in records)

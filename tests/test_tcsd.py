@@ -282,3 +282,91 @@ def test_jittered_orbit_keeps_the_front_view_first():
         a = cams.azimuths.double()
         assert torch.allclose((a - a[0]) % 360, torch.tensor([0.0, 90.0, 180.0, 270.0], dtype=torch.float64), atol=1e-4)
         assert min(float(a[0]), 360 - float(a[0])) <= 10.0 and abs(float(cams.elevations[0]) - 15.0) <= 5.0
+
+
+class RednessCritic:
+    """margin = 20 * mean(R - (G + B) / 2) of each sample's views, whatever its caption: a critic
+    that wants red, to see where the per-object term's gradient goes."""
+
+    def __init__(self):
+        self.captions = []
+
+    def score(self, views, prompts):
+        self.captions.append(list(prompts))
+        m = 20 * (views[:, :, 0] - (views[:, :, 1] + views[:, :, 2]) / 2).mean(dim=(1, 2, 3))
+        return Out(margin=m, prob_yes=torch.sigmoid(m))
+
+
+def _two_group_scene():
+    from coherendream.cameras import OrbitSpec, camera_tensors
+    from coherendream.generation.gaussians import GaussianModel
+    from coherendream.generation.layout import sample_points_in_layout
+    from coherendream.generation.layout_rules import RuleBasedPlanner
+
+    layout = RuleBasedPlanner().plan("two red cubes to the left of a blue sphere").layout
+    points, ids = sample_points_in_layout(layout, 300, torch.Generator().manual_seed(0), min_per_object=64)
+    model = GaussianModel.from_points(points, torch.full((len(points), 3), 0.5), scale=0.03, opacity=0.8, object_ids=ids)
+    viewmats, Ks = camera_tensors(OrbitSpec().cameras(24))
+    return layout, model, viewmats, Ks
+
+
+def test_object_groups_caption_each_group_and_frame_its_box():
+    from coherendream.generation.tcsd import object_groups
+
+    layout, *_ = _two_group_scene()
+    groups = object_groups(layout)
+    assert [(g.objects, g.caption) for g in groups] == [([0, 1], "two red cubes"), ([2], "a blue sphere")]
+    cubes = groups[0]
+    lo = min(layout.objects[k].center[0] - layout.objects[k].size[0] / 2 for k in (0, 1))
+    hi = max(layout.objects[k].center[0] + layout.objects[k].size[0] / 2 for k in (0, 1))
+    assert cubes.extent == pytest.approx(hi - lo) and cubes.center[0] == pytest.approx((lo + hi) / 2)
+
+
+def test_per_object_term_frames_each_group_and_its_gradient_reaches_only_that_group():
+    from coherendream.generation.tcsd import ObjectCriticTerm, object_groups
+
+    layout, model, viewmats, Ks = _two_group_scene()
+    critic = RednessCritic()
+    term = ObjectCriticTerm(critic, CriticTermConfig(per_object_weight=1.0, weight=1.0), object_groups(layout)[1:])  # the sphere alone
+    background = torch.ones(3)
+    framed = term.render(model, viewmats, Ks, 24, background)
+    scene = model.render(viewmats, Ks, 24, 24, backgrounds=background).rgb
+    # framed on its own box, the sphere covers far more of the view than in the whole scene
+    cover = lambda img: float(((img - 1).abs().sum(dim=-3 if img.shape[-3] == 3 else -1) > 0.05).float().mean())  # noqa: E731
+    assert cover(framed[0]) > 3 * cover(scene)
+    record = term.backward(model, viewmats, Ks, 24, background, grad_norm_sds=None)
+    assert critic.captions[-1] == ["a blue sphere"] and set(record) == {"lam_object", "loss_object", "prob_yes_object"}
+    grad = model.colors.grad
+    sphere = model.object_ids == 2
+    assert grad[~sphere].abs().max() == 0 and grad[sphere].abs().max() > 0  # only the group's own Gaussians move
+    # -grad on red raises redness: descending the loss makes the sphere's Gaussians redder
+    assert float(grad[sphere][:, 0].sum()) < 0 < float(grad[sphere][:, 1:].sum())
+
+
+def test_per_object_term_gradient_matches_finite_differences():
+    from coherendream.generation.tcsd import ObjectCriticTerm, object_groups
+
+    layout, model, viewmats, Ks = _two_group_scene()
+    term = ObjectCriticTerm(RednessCritic(), CriticTermConfig(per_object_weight=1.0, weight=1.0), object_groups(layout))
+    background = torch.ones(3)
+    term.backward(model, viewmats, Ks, 24, background, grad_norm_sds=None)
+    k = int(torch.nonzero(model.object_ids == 2)[0])
+
+    def loss_at(delta):
+        with torch.no_grad():
+            model.colors[k, 0] += delta
+            views = term.render(model, viewmats, Ks, 24, background)
+            value = float(critic_loss(term.critic, views, [g.caption for g in term.groups])[0])
+            model.colors[k, 0] -= delta
+        return value
+
+    numeric = (loss_at(1e-2) - loss_at(-1e-2)) / 2e-2
+    assert float(model.colors.grad[k, 0]) == pytest.approx(numeric, rel=0.05, abs=1e-6)
+
+
+def test_scene_term_off_leaves_only_the_per_object_term():
+    with pytest.raises(ValueError, match="per_object_weight"):
+        CriticTermConfig(scene_term=False)
+    term = CriticTerm(StubCritic(torch.Size((1, 4, 3, 16, 16))), CriticTermConfig(scene_term=False, per_object_weight=1.0))
+    out = tcsd_step(_images(), "a red cube", 0, critic_term=term)
+    assert out.grad is None and not out.critic_active
