@@ -10,7 +10,9 @@ directly, without a prior, in minutes:
 2. The colours start wrong: ``gray`` (every object grey) or ``swapped`` (each group in the other
    group's colour: the binding failure the prior makes).
 3. Only the Gaussians' colours are optimised (Adam on their logits), by the critic's gradient of
-   ``-log P(yes)`` for the true caption alone, from the critic's own orbit jittered as TCSD does.
+   ``-log P(yes)`` for the true caption alone, from the critic's own orbit jittered as TCSD does;
+   ``term`` chooses what the critic scores: the whole scene, each group framed alone against its
+   own caption (TCSD's per-object term), or both.
 4. The ground truth then reads each object's colour (its Gaussians rendered alone, the mean
    visible colour's nearest palette colour, ``coherendream.eval.ground_truth``).
 
@@ -57,6 +59,8 @@ class SteeringEvalConfig:
     resolution: int | None = field(default=None, metadata={"help": "view size in pixels (default: half the critic's crop, its 2x2 grid cell)"})
     azimuth_jitter: float = field(default=10.0, metadata={"help": "degrees the critic's orbit turns by at random each step (TCSD's default)"})
     elevation_jitter: float = field(default=5.0, metadata={"help": "degrees the orbit rises or falls by at random each step"})
+    term: str = field(default="scene", metadata={"help": "what the critic scores: scene (the whole scene's views), objects (each group framed "
+                                                         "alone against its own caption, TCSD's per-object term) or both"})
     hacked_threshold: float = field(default=0.9, metadata={"help": "P(yes) above which a wrong scene counts as hacked"})
     judge_resolution: int = field(default=64, metadata={"help": "render size of the ground truth's per-object views"})
     report_scenes: int = field(default=4, metadata={"help": "scenes whose before/after views the report shows"})
@@ -74,6 +78,8 @@ class SteeringEvalConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.term not in ("scene", "objects", "both"):
+            raise ValueError(f"term must be scene, objects or both, got {self.term!r}")
 
 
 def steering_scenes(count: int, seed: int) -> list[Any]:
@@ -110,6 +116,22 @@ def _surface_gaussians(scene: Any, per_object: int, seed: int) -> tuple[torch.Te
     return torch.cat(points), torch.cat(ids), torch.tensor(scale)
 
 
+def scene_groups(scene: Any) -> list[Any]:
+    """The scene's two groups as the per-object term frames them (normalised frame, own caption)."""
+    from coherendream.generation.tcsd import ObjectGroup
+    from coherendream.vocabulary import SceneCaption
+
+    boxes = scene.to_layout()["objects"]
+    groups = []
+    for gi, group in enumerate(scene.caption.groups):
+        members = [k for k, o in enumerate(boxes) if o["group"] == gi]
+        lo = [min(boxes[k]["center"][i] - boxes[k]["size"][i] / 2 for k in members) for i in range(3)]
+        hi = [max(boxes[k]["center"][i] + boxes[k]["size"][i] / 2 for k in members) for i in range(3)]
+        groups.append(ObjectGroup(members, SceneCaption((group,)).text(), tuple((a + b) / 2 for a, b in zip(lo, hi)),
+                                  max(b - a for a, b in zip(lo, hi))))  # fmt: skip
+    return groups
+
+
 def start_colors(scene: Any, start: str) -> list[str | None]:
     """The colour name each object starts in (None: grey)."""
     if start == "gray":
@@ -125,6 +147,7 @@ def steer_scene(critic: Any, scene: Any, start: str, config: SteeringEvalConfig,
     from coherendream.generation.camera_sampler import sample_jittered_orbit
     from coherendream.generation.gaussians import GaussianModel
     from coherendream.generation.runner import render_views
+    from coherendream.generation.tcsd import CriticTermConfig, ObjectCriticTerm, critic_loss
     from coherendream.vocabulary import PALETTE
 
     t0 = time.perf_counter()
@@ -152,11 +175,16 @@ def steer_scene(critic: Any, scene: Any, start: str, config: SteeringEvalConfig,
 
     before = verdict()
     generator = torch.Generator().manual_seed(seed)
+    objects = ObjectCriticTerm(critic, CriticTermConfig(), scene_groups(scene)) if config.term != "scene" else None
     for _ in range(config.steps):
         cams = sample_jittered_orbit(orbit, resolution, None, config.azimuth_jitter, config.elevation_jitter, generator, device)
-        views = model.render(cams.viewmats, cams.Ks, resolution, resolution, backgrounds=background, backend="torch").rgb.permute(0, 3, 1, 2)
-        margin = critic.score(views[None], [caption]).margin.float()[0]
-        loss = torch.nn.functional.softplus(-margin)  # -log P(yes), finite where P(yes) underflows
+        loss = torch.zeros((), device=device)
+        if config.term != "objects":
+            views = model.render(cams.viewmats, cams.Ks, resolution, resolution, backgrounds=background, backend="torch").rgb.permute(0, 3, 1, 2)
+            loss = loss + critic_loss(critic, views[None], [caption])[0]  # -log P(yes), finite where P(yes) underflows
+        if objects is not None:
+            framed = objects.render(model, cams.viewmats, cams.Ks, resolution, background, "torch")
+            loss = loss + critic_loss(critic, framed, [g.caption for g in objects.groups])[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -201,7 +229,7 @@ def run_steering_eval(critic: Any, config: SteeringEvalConfig) -> dict[str, Any]
     jobs = [(i, scene, start) for i, scene in enumerate(scenes) for start in config.starts]
     rows = [steer_scene(critic, scene, start, config, seed=config.seed + i) for i, scene, start in tqdm(jobs, desc="steering", disable=not config.progress)]
     table = summarise(rows)
-    summary = {"table": table, "scenes": len(scenes), "steps": config.steps, "lr": config.lr, "seed": config.seed,
+    summary = {"table": table, "scenes": len(scenes), "steps": config.steps, "lr": config.lr, "seed": config.seed, "term": config.term,
                "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     plain = [{k: v for k, v in r.items() if k != "_views"} for r in rows]
     write_results(plain, out / "results", formats=("json", "csv"))

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from coherendream.cli import app
 from coherendream.critic.model import Critic, default_critic_path
 from coherendream.eval.steering import SteeringEvalConfig, start_colors, steer_scene, steering_scenes
+from coherendream.vocabulary import SceneCaption
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +59,15 @@ def test_the_command_writes_its_table_and_report(tmp_path):
     bad = CliRunner().invoke(app, ["eval", "steering", "-o", str(tmp_path / "x"), "--starts", "red"])
     assert bad.exit_code == 2 and "starts: unknown" in bad.output
     assert torch.get_num_threads() >= 1
+
+
+def test_the_per_object_variant_frames_each_group(critic):
+    from coherendream.eval.steering import scene_groups
+
+    scene = steering_scenes(1, seed=11)[0]
+    groups = scene_groups(scene)
+    assert [g.caption for g in groups] == [SceneCaption((g,)).text() for g in scene.caption.groups]
+    assert sorted(k for g in groups for k in g.objects) == list(range(len(scene.objects)))
+    config = SteeringEvalConfig(output_dir="unused", steps=10, gaussians_per_object=96, judge_resolution=48, term="objects")
+    row = steer_scene(critic, scene, "gray", config, seed=2)
+    assert row["mean_color_change"] > 0.01  # the framed views' gradient reaches the colours
