@@ -231,7 +231,8 @@ def _write_results(out: Path, rows: list[dict[str, Any]], summary: dict[str, Any
     steps = sorted({r.get("steps") for r in rows if r.get("steps") is not None})
     report.add_text(f"{len(specs)} prompts x {len(summary['methods'])} methods x {len(config.seeds)} seeds "
                     f"({', '.join(map(str, config.seeds))}), {'/'.join(map(str, steps)) or '?'} optimisation steps per generation. "
-                    "Verdicts from renders judged against real renders of the procedural scenes; the critic's P(yes) beside them.")  # fmt: skip
+                    "Verdicts from renders judged against real renders of the procedural scenes; the critic's P(yes) beside them. "
+                    + " ".join(f"{m}: prior {v['prior']}, critic {v['critic']}." for m, v in summary.get("models", {}).items()))  # fmt: skip
     report.add_text("object_color: share of the prompt's objects drawn in their own colour (each in its part of the "
                     "frame along the relation's axis). color_present: share of the prompt's colours seen anywhere. shape, "
                     "count: single objects' shape and counted groups' count read right. placement: two-group scenes whose "
@@ -315,6 +316,11 @@ def run_procedural_eval(config: ProceduralEvalConfig, *, generate_fn: Any = None
     if run.merged:
         rows = list(run.records.values())
         summary = summarise(rows, config.bootstrap)
+        per_method: dict[str, Any] = {}  # each method's first generate config (configs is in job order)
+        for (method, _, _), cfg in zip(jobs, configs.values()):
+            per_method.setdefault(method, cfg)
+        summary["models"] = {m: {"prior": (cfg.prior.pretrained_model_name_or_path or "the embedded prior") if cfg.prior else "none",
+                                 "critic": cfg.critic.path or "the embedded critic"} for m, cfg in per_method.items()}  # fmt: skip
         _write_results(out, rows, summary, specs, config)
         status.update(merged=True, summary=summary, rows=rows)
     return status

@@ -56,6 +56,7 @@ def test_a_small_run_generates_judges_and_merges(tmp_path, two_prompts):
         run_procedural_eval(dataclasses.replace(cfg, overrides=[*FAST, "steps=3"]))
     page = (tmp_path / "one" / "report.html").read_text()
     assert "What produced this report" in page and "coherendream eval procedural" in page and "2 optimisation steps" in page
+    assert "sds: prior the embedded prior" in page
 
 
 def test_two_processes_give_the_results_of_one(tmp_path, two_prompts):
