@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from coherendream.cli import app
@@ -48,12 +49,15 @@ def views(tmp_path_factory):
 
 
 def test_a_truncated_critic_is_named_as_such(tmp_path, truncated_critic, views):
+    data = tmp_path / "d"
+    assert runner.invoke(app, ["data", "build", "--procedural", "2", "-o", str(data), "render.resolution=32", "progress=false"]).exit_code == 0
     for args in (["critic", "score", "--input", str(views), "-o", str(tmp_path / "s"), "--critic", str(truncated_critic)],
+                 ["eval", "critic", "--dataset", str(data), "--split", "train", "-o", str(tmp_path / "e"), "--critic", str(truncated_critic)],
                  ["generate", "-c", "configs/generate/cpu_tiny.yaml", "-o", str(tmp_path / "g"), "--steps", "1", "--critic", str(truncated_critic)]):  # fmt: skip
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
         assert "model.safetensors is truncated or corrupt" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "s").exists() and not (tmp_path / "g").exists()  # nothing written
+    assert not any((tmp_path / name).exists() for name in ("s", "e", "g"))  # nothing written
 
 
 def test_a_truncated_prior_is_named_as_such(tmp_path):
@@ -97,7 +101,19 @@ def test_text_the_embedded_models_cannot_read_is_warned_about_and_marked(tmp_pat
     assert critic.unreadable_text("a red cube to the left of a blue sphere") is None
     note = critic.unreadable_text("a zorblax 🙂")
     assert "'zorblax'" in note and "'🙂'" in note and "vocabulary" in note
-    assert "tokens, more than the" in critic.unreadable_text("a red cube " * 400)
+    long = "a red cube " * 1000
+    assert "tokens, more than the" in critic.unreadable_text(long)
+    from transformers.utils import logging as hf_logging
+
+    fresh = Critic.from_pretrained(default_critic_path(), device="cpu")  # its tokenizer has warned of nothing yet
+    hf_logging.enable_propagation()  # transformers' records reach caplog (they do not by default)
+    try:
+        with caplog.at_level("WARNING"):
+            fresh.unreadable_text(long)
+            fresh.score(torch.zeros(1, 4, 3, 32, 32), [long])  # the tokenizer's own "indexing errors" line is ours now
+    finally:
+        hf_logging.disable_propagation()
+    assert "indexing errors" not in caplog.text
     (views / "a" / "caption.txt").write_text("a zorblax 🙂")
     try:
         result = runner.invoke(app, ["critic", "score", "--input", str(views), "-o", str(tmp_path / "s")])

@@ -67,6 +67,9 @@ def test_no_command_writes_into_the_shipped_critic(tmp_path, dataset):
     """Every command that writes a folder refuses the shipped critic's folder, before anything loads."""
     shipped = Path(default_critic_path())
     before = _tree(shipped)
+    adapter = tmp_path / "adapter"  # what `critic merge` checks before it loads anything
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(shipped)}))
     commands = [
         ["eval", "critic", "--dataset", str(dataset), "-o", str(shipped)],
         ["eval", "tifa", str(tmp_path / "p.txt"), "--generations", str(tmp_path), "-o", str(shipped)],
@@ -77,8 +80,16 @@ def test_no_command_writes_into_the_shipped_critic(tmp_path, dataset):
         ["generate", "-c", "configs/generate/cpu_tiny.yaml", "-o", str(shipped), "--steps", "1"],
         ["critic", "build-tiny", "-o", str(shipped)],
         ["demo", "-o", str(shipped), "--steps", "1"],
+        ["critic", "train", "-c", "configs/critic/cpu_lora.yaml", "--dataset", str(dataset), "-o", str(shipped)],
+        ["critic", "merge", "--adapter", str(adapter), "-o", str(shipped)],
+        ["eval", "assets", "--manifest", str(tmp_path / "m.csv"), "-o", str(shipped)],
+        ["eval", "t3bench", str(tmp_path / "p.txt"), "--generations", str(tmp_path), "-o", str(shipped)],
+        ["eval", "judge", str(tmp_path / "p.txt"), "--method", f"a={tmp_path}", "--method", f"b={tmp_path}", "-o", str(shipped)],
+        ["eval", "prior", "-o", str(shipped)],
+        ["eval", "steering", "-o", str(shipped), "--scenes", "1", "--steps", "1"],
     ]
     (tmp_path / "p.txt").write_text("a red cube\n")
+    (tmp_path / "m.csv").write_text("id,path,prompt\na,a.obj,a red cube\n")
     for args in commands:
         result = runner.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)
