@@ -103,16 +103,14 @@ def _surface_gaussians(scene: Any, per_object: int, seed: int) -> tuple[torch.Te
     object index, and a scale of about half the spacing between neighbours."""
     import trimesh
 
-    asset = scene.to_asset(f"steering-{seed}")
+    meshes = [trimesh.Trimesh(p.vertices, p.faces, process=False) for p in scene.to_asset(f"steering-{seed}").parts]
     points, ids = [], []
-    for k, part in enumerate(asset.parts):
-        mesh = trimesh.Trimesh(part.vertices, part.faces, process=False)
+    for k, mesh in enumerate(meshes):
         pts, _ = trimesh.sample.sample_surface(mesh, per_object, seed=seed + k)
         points.append(torch.as_tensor(np.asarray(pts), dtype=torch.float32))
         ids.append(torch.full((per_object,), k, dtype=torch.long))
     # about half the spacing of points spread evenly over the surfaces: a closed skin, still crisp
-    area = float(sum(trimesh.Trimesh(p.vertices, p.faces, process=False).area for p in asset.parts))
-    scale = 0.6 * (area / (per_object * len(asset.parts))) ** 0.5
+    scale = 0.6 * (sum(m.area for m in meshes) / (per_object * len(meshes))) ** 0.5
     return torch.cat(points), torch.cat(ids), torch.tensor(scale)
 
 
@@ -125,10 +123,7 @@ def scene_groups(scene: Any) -> list[Any]:
     groups = []
     for gi, group in enumerate(scene.caption.groups):
         members = [k for k, o in enumerate(boxes) if o["group"] == gi]
-        lo = [min(boxes[k]["center"][i] - boxes[k]["size"][i] / 2 for k in members) for i in range(3)]
-        hi = [max(boxes[k]["center"][i] + boxes[k]["size"][i] / 2 for k in members) for i in range(3)]
-        groups.append(ObjectGroup(members, SceneCaption((group,)).text(), tuple((a + b) / 2 for a, b in zip(lo, hi)),
-                                  max(b - a for a, b in zip(lo, hi))))  # fmt: skip
+        groups.append(ObjectGroup.framing(members, SceneCaption((group,)).text(), [(boxes[k]["center"], boxes[k]["size"]) for k in members]))
     return groups
 
 

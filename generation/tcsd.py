@@ -418,6 +418,13 @@ class ObjectGroup:
     center: tuple[float, float, float]
     extent: float
 
+    @classmethod
+    def framing(cls, objects: list[int], caption: str, boxes: Sequence[tuple[Sequence[float], Sequence[float]]]) -> ObjectGroup:
+        """The group of ``objects`` framed on the union of their ``boxes`` (``(center, size)`` each)."""
+        lo = [min(c[i] - s[i] / 2 for c, s in boxes) for i in range(3)]
+        hi = [max(c[i] + s[i] / 2 for c, s in boxes) for i in range(3)]
+        return cls(objects, caption, tuple((a + b) / 2 for a, b in zip(lo, hi)), max(b - a for a, b in zip(lo, hi)))
+
 
 def object_groups(layout: Any) -> list[ObjectGroup]:
     """The layout's objects grouped by their prompt ("a red cube" twice -> one group, captioned
@@ -439,9 +446,7 @@ def object_groups(layout: Any) -> list[ObjectGroup]:
             if len(part) > 1:
                 g = parsed.groups[0]
                 caption = SceneCaption((dataclasses.replace(g, count=len(part)),)).text()
-            lo = [min(layout.objects[k].center[i] - layout.objects[k].size[i] / 2 for k in part) for i in range(3)]
-            hi = [max(layout.objects[k].center[i] + layout.objects[k].size[i] / 2 for k in part) for i in range(3)]
-            groups.append(ObjectGroup(part, caption, tuple((a + b) / 2 for a, b in zip(lo, hi)), max(b - a for a, b in zip(lo, hi))))
+            groups.append(ObjectGroup.framing(part, caption, [(layout.objects[k].center, layout.objects[k].size) for k in part]))
     return groups
 
 
