@@ -17,7 +17,7 @@ import typer
 
 from coherendream.cli_options import options_from, warn_deprecated
 from coherendream.config import ConfigError
-from coherendream.output_folder import FolderTaken, OutputFolder
+from coherendream.output_folder import FolderTaken, OutputFolder, check_writable
 from coherendream.eval.assets import AssetsEvalConfig
 from coherendream.eval.critic_eval import CriticEvalConfig
 from coherendream.eval.judge import JudgeConfig
@@ -589,9 +589,10 @@ def prior_sample(
         _fail(f"--num-images and --steps must be >= 1, got {num_images} and {steps}")
     if output.suffix.lower() != ".png" or output.is_dir():
         _fail(f"--output {output}: give a .png file" + (" (this is a folder)" if output.is_dir() else ""))
-    parent = next(p for p in [output.parent, *output.parent.parents] if p.exists())
-    if not os.access(parent, os.W_OK):  # before seconds of loading, not after
-        _fail(f"--output {output}: cannot write in {parent}")
+    try:
+        check_writable(output)  # before seconds of loading, not after
+    except FolderTaken as err:
+        _fail(str(err))
     if model is not None:
         warn_deprecated("--model", "--prior")
         prior = prior or model

@@ -24,7 +24,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-__all__ = ["RECORD_NAME", "OutputFolder", "read_record", "toolkit_version", "FolderTaken"]
+__all__ = ["RECORD_NAME", "OutputFolder", "check_writable", "read_record", "toolkit_version", "FolderTaken"]
 
 RECORD_NAME = "coherendream_run.json"
 
@@ -107,9 +107,7 @@ class OutputFolder:
         if path.exists() and not path.is_dir():
             raise FolderTaken(f"output {path} is a file, not a folder: give a folder's path (-o)")
         if not path.exists() or not any(path.iterdir()):
-            parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
-            if not _writable(parent):
-                raise FolderTaken(f"output {path}: cannot write in {parent} (permission denied): give a folder you can write (-o)")
+            check_writable(path)
             return "new"
         record = read_record(path)
         if record is None:
@@ -162,6 +160,15 @@ def _get(settings: dict, dotted: str) -> Any:
     for key in dotted.split("."):
         value = value.get(key) if isinstance(value, dict) else None
     return value
+
+
+def check_writable(path: str | Path) -> None:
+    """Refuse an output ``path`` (a folder or a file, existing or not) whose nearest existing folder
+    no file can be made in, naming that folder."""
+    path = Path(path)
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not _writable(parent):
+        raise FolderTaken(f"output {path}: cannot write in {parent} (permission denied): give a place you can write (-o)")
 
 
 def _writable(folder: Path) -> bool:

@@ -52,6 +52,9 @@ def test_claims_resume_refuse_and_replace(tmp_path):
 def test_an_unwritable_place_is_one_line():
     with pytest.raises(FolderTaken, match="cannot write"):
         OutputFolder("/proc/coherendream-out", "eval critic", {})
+    # a file output too, before any model loads (permission bits would not tell: tests may run as root)
+    result = runner.invoke(app, ["prior", "sample", "-p", "a red cube", "-o", "/proc/coherendream-out/grid.png"])
+    assert result.exit_code == 2 and "cannot write in /proc" in result.output
 
 
 @pytest.fixture(scope="module")
