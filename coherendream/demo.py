@@ -81,8 +81,8 @@ def run_demo(config: DemoConfig) -> dict:
     )  # fmt: skip
     workers = max(1, min(config.num_workers, len(bench.methods) * len(bench.seeds)))
     if workers > 1:
-        # One process of one thread per core: the demo's small models run 1.6x faster so than in one
-        # process of two threads (docs/benchmarks.md). The shards write one folder; the last merges.
+        # One process of one thread per core: the demo ran 1.4x faster so than in one process of two
+        # threads (docs/benchmarks.md). The shards write one folder; the last to finish merges.
         import multiprocessing as mp
 
         shards = [dataclasses.replace(bench, num_shards=workers, shard_index=i) for i in range(workers)]

@@ -247,6 +247,7 @@ class Critic:
         self.processor = processor
         self.config = config or CriticConfig()
         self.source: dict | None = None  # set by from_pretrained: the folder or hub id and adapter it loaded
+        self._unreadable: dict[str, str | None] = {}  # unreadable_text by prompt
         self.tokenizer = processor.tokenizer
         self.image_processor = processor.image_processor
         self.yes_ids = resolve_answer_token_ids(self.tokenizer, self.config.yes_variants)
@@ -471,7 +472,7 @@ class Critic:
         """What of ``prompt`` this critic cannot read (words outside its vocabulary, a question
         longer than its context), as one sentence, or None. Such a prompt still gets a score,
         but the score does not judge those words: callers warn and mark the row."""
-        cache = self.__dict__.setdefault("_unreadable", {})
+        cache = self._unreadable
         if prompt not in cache:
             config = getattr(self.model.config, "text_config", self.model.config)
             limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(self.tokenizer, "model_max_length", None))

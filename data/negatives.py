@@ -253,6 +253,9 @@ def _attribute_swap(caption: str, kind: str) -> Negative | None:
     """The first two colour words of different families (``color_swap``) or the first two object
     nouns of the word lists (``shape_swap``) exchanged: "a red cube and a blue ball" -> "a blue cube
     and a red ball" / "a red ball and a blue cube". None with fewer than two."""
+    def singular(word: str) -> str:
+        return PLURAL_TO_SINGULAR.get(word.lower(), word.lower())
+
     found: list[re.Match] = []
     for m in _WORD_RE.finditer(caption):
         word = m.group().lower()
@@ -260,8 +263,8 @@ def _attribute_swap(caption: str, kind: str) -> Negative | None:
             family = COLOR_FAMILY.get(word)
             if family is not None and all(COLOR_FAMILY[f.group().lower()] != family for f in found):
                 found.append(m)
-        elif word not in COLOR_FAMILY and NOUN_CATEGORY.get(PLURAL_TO_SINGULAR.get(word, word)) is not None:
-            if all(PLURAL_TO_SINGULAR.get(f.group().lower(), f.group().lower()) != PLURAL_TO_SINGULAR.get(word, word) for f in found):
+        elif word not in COLOR_FAMILY and NOUN_CATEGORY.get(singular(word)) is not None:
+            if all(singular(f.group()) != singular(word) for f in found):
                 found.append(m)
         if len(found) == 2:
             break
@@ -271,8 +274,8 @@ def _attribute_swap(caption: str, kind: str) -> Negative | None:
 
     def as_at(word: str, slot: re.Match) -> str:  # the other word, in this slot's number and case
         if kind == "shape_swap":
-            singular = PLURAL_TO_SINGULAR.get(word.lower(), word.lower())
-            word = plural(singular) if slot.group().lower() != PLURAL_TO_SINGULAR.get(slot.group().lower(), slot.group().lower()) else singular
+            slot_is_plural = slot.group().lower() != singular(slot.group())
+            word = plural(singular(word)) if slot_is_plural else singular(word)
         return _match_case(slot.group(), word.lower())
 
     a, b = as_at(second.group(), first), as_at(first.group(), second)

@@ -470,10 +470,12 @@ def generate(config: GenerateConfig, *, critic: Any = None, guidance: Any = None
     guidance = guidance if guidance is not None else loaded.get("guidance")
     critic = critic if critic is not None else loaded.get("critic")
     prior_dtype = getattr(guidance, "dtype", torch.float32)
-    text_warnings = [note for part in (guidance, critic) if callable(getattr(part, "unreadable_text", None))
-                     for note in [part.unreadable_text(config.prompt)] if note]  # fmt: skip
-    for note in text_warnings:  # generated all the same, but that part's gradient ignores those words
-        logger.warning("%s: its term ignores what it cannot read", note)
+    text_warnings = []  # generated all the same, but that part's gradient ignores those words
+    for part in (guidance, critic):
+        note = part.unreadable_text(config.prompt) if hasattr(part, "unreadable_text") else None
+        if note:
+            text_warnings.append(note)
+            logger.warning("%s: its term ignores what it cannot read", note)
     if guidance is not None:
         log_compute("prior", device, prior_dtype, config.prior.wanted_dtype())
     critic_config = getattr(critic, "config", None)  # None without a critic, or for a scorer without a CriticConfig
